@@ -1,0 +1,144 @@
+"""Public entry points: :func:`prune_graph` and :func:`explain`.
+
+These are thin: they validate arguments and run :mod:`oba_fx.passes.pipeline`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import networkx as nx
+import torch
+import torch.fx
+import torch.nn as nn
+
+from .importance import CRITERIA, param_scores
+from .select import Target
+from .tracing import as_tuple
+
+log = logging.getLogger(__name__)
+
+
+def _target(channel_ratio, target_flops, target_params, max_layer_ratio, round_to) -> Target:
+    given = {k: v for k, v in (("channels", channel_ratio), ("flops", target_flops), ("params", target_params))
+             if v is not None}
+    if len(given) != 1:
+        raise ValueError(
+            "give exactly one target: channel_ratio=<fraction of channels removed>, target_flops=<retained "
+            f"FLOPs fraction> or target_params=<retained parameter fraction>; got {sorted(given) or 'none'}")
+    (kind, value), = given.items()
+    return Target(kind, float(value), max_layer_ratio, round_to)
+
+
+def _module_names(model: nn.Module, ignore: Iterable[Any]) -> list[str]:
+    names: list[str] = []
+    by_id = {id(m): n for n, m in model.named_modules()}
+    for x in ignore:
+        if isinstance(x, str):
+            if x not in dict(model.named_modules()):
+                raise ValueError(f"ignore: no module named {x!r} in the model; names look like "
+                                 f"{[n for n, _ in list(model.named_modules())[1:4]]}")
+            names.append(x)
+        elif isinstance(x, nn.Module):
+            if id(x) not in by_id:
+                raise ValueError(f"ignore: module {type(x).__name__} is not part of the model")
+            names.append(by_id[id(x)])
+        elif isinstance(x, type):
+            names.extend(n for n, m in model.named_modules() if isinstance(m, x) and n)
+        else:
+            raise ValueError(f"ignore: expected module names, modules or module classes, got {x!r}")
+    return names
+
+
+def prune_graph(model: nn.Module, example_inputs: Any, *, criterion: str = "l1",
+                channel_ratio: float | None = None, target_flops: float | None = None,
+                target_params: float | None = None, ignore: Iterable[Any] = (), round_to: int = 1,
+                data: Iterable | None = None, loss_fn: Callable | None = None, hessian: str = "functional",
+                max_batches: int | None = None, max_layer_ratio: float = 0.95,
+                leaf_modules: Iterable[type | str] = (), concrete_args: dict | None = None,
+                verify: bool = True, rtol: float = 1e-4, seed: int = 0) -> torch.fx.GraphModule:
+    """Prune ``model`` to a target and return a physically slimmed ``torch.fx.GraphModule``.
+
+    The model is traced (a deep copy: ``model`` is never modified), every channel dimension is
+    coupled across the graph, channels are scored by ``criterion``, the lowest-ranked ones are
+    removed until the target is met, and a smaller network is built and checked against the
+    original with the removed channels masked.
+
+    Args:
+        model: the network.
+        example_inputs: a tensor or a tuple of positional inputs; drives tracing, shapes and FLOPs.
+        criterion: ``"l1"``, ``"l2"``, ``"random"`` (data-free) or ``"oba"``, ``"taylor"``,
+            ``"obd_fisher"``, ``"obd_hutchinson"`` (need ``data``).
+        channel_ratio: fraction of prunable channels to remove, in [0, 1).
+        target_flops: fraction of FLOPs to keep, in (0, 1].
+        target_params: fraction of parameters to keep, in (0, 1].
+        ignore: modules (names, instances or classes) whose parameters must not change.
+        round_to: keep a multiple of this many channels per coupled group.
+        data: calibration batches ``(inputs, targets)`` for data-driven criteria.
+        loss_fn: ``loss_fn(outputs, targets)``; mean cross-entropy by default.
+        hessian: ``"functional"`` or ``"full"`` (for ``criterion="oba"``).
+        max_batches: use at most this many calibration batches.
+        max_layer_ratio: the most any layer may lose (default 0.95).
+        leaf_modules: module classes or names to keep as opaque calls when tracing (their
+            channels are then not pruned).
+        concrete_args: passed to ``torch.fx`` tracing for arguments that drive control flow.
+        verify: compare the result with the masked original on ``example_inputs``.
+        rtol: tolerance of that comparison, relative to the largest output magnitude.
+        seed: seed of the ``"random"`` criterion.
+
+    Returns:
+        The slimmed GraphModule; ``compiled.meta["oba"]`` is the report (FLOPs and parameters
+        before/after, kept indices of every pruned parameter, barriers).
+
+    Example:
+        >>> import torch, oba_fx
+        >>> m = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+        ...                         torch.nn.Conv2d(16, 4, 3)).eval()
+        >>> out = oba_fx.prune_graph(m, torch.randn(1, 3, 8, 8), channel_ratio=0.5)
+        >>> out.get_submodule("0").out_channels, out.meta["oba"]["flops_after"] < out.meta["oba"]["flops_before"]
+        (8, True)
+    """
+    from .passes.pipeline import analyze_model, prune
+
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown criterion {criterion!r}; expected one of {', '.join(CRITERIA)}")
+    target = _target(channel_ratio, target_flops, target_params, max_layer_ratio, round_to)
+    inputs = as_tuple(example_inputs)
+    frozen = _module_names(model, ignore)
+    gm = analyze_model(model, inputs, leaf_modules=leaf_modules, concrete_args=concrete_args, frozen_modules=frozen)
+    kw: dict[str, Any] = {"seed": seed}
+    if criterion not in ("l1", "l2", "random"):
+        kw.update(hessian=hessian, loss_fn=loss_fn, max_batches=max_batches)
+    scores = param_scores(gm, criterion, data, **kw)
+    out = prune(gm, inputs, scores, target, verify=verify, rtol=rtol)
+    out.meta["oba"]["criterion"] = criterion
+    return out
+
+
+def explain(model: nn.Module, example_inputs: Any, *, path: str | Path | None = None,
+            leaf_modules: Iterable[type | str] = (), concrete_args: dict | None = None) -> nx.Graph:
+    """The coupling graph of ``model`` as a networkx graph, optionally written to ``path``.
+
+    Nodes are coupling groups (``kind="group"``) and parameter dimensions (``kind="param"``,
+    with ``owner``, ``dim``, ``size``, ``group``); an edge joins each parameter dimension to its
+    group. Barriers are listed in ``G.graph["barriers"]``.
+
+    Args:
+        path: ``.dot``, ``.graphml``, ``.json``, ``.png`` or ``.svg``; the suffix picks the format.
+
+    Example:
+        >>> import torch, oba_fx
+        >>> G = oba_fx.explain(torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Linear(4, 1)), torch.randn(1, 2))
+        >>> sorted(d["owner"] for _, d in G.nodes(data=True) if d["kind"] == "param")[:2]
+        ['0.bias', '0.weight']
+    """
+    from .graphs import coupling_graph, write_graph
+    from .passes.pipeline import analyze_model
+
+    gm = analyze_model(model, as_tuple(example_inputs), leaf_modules=leaf_modules, concrete_args=concrete_args)
+    G = coupling_graph(gm.meta["oba.coupling"])
+    if path is not None:
+        write_graph(G, path)
+    return G

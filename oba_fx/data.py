@@ -1,0 +1,335 @@
+"""Finding and loading CIFAR-10, and measuring accuracy.
+
+The library never guesses where data lives: :func:`data_dir` takes an explicit folder, else the
+environment variable ``OBA_FX_DATA``.  The folder holds the npz files described below.
+
+npz layout (``cifar10_train.npz``, ``cifar10_test.npz``, ``cifar10_test_lossless1k.npz``):
+``x`` uint8 NHWC (N, 32, 32, 3) RGB, ``y`` int64 (N,) in 0-9.  The full train/test files are
+JPEG-degraded copies (pretrained ResNets score ~10 points lower on them); the lossless1k file
+holds the exact first 1,000 test images, for comparisons with published accuracies.
+
+Normalisation: the pretrained CIFAR ResNets (akamaster) were trained with the ImageNet statistics
+:data:`MEAN` = (0.485, 0.456, 0.406) and :data:`STD` = (0.229, 0.224, 0.225) applied to pixels in
+[0, 1], so every loader here uses them.
+
+Example:
+    >>> import os
+    >>> from oba_fx.data import data_dir, cifar10_loader, evaluate
+    >>> from oba_fx.models import get_model
+    >>> d = data_dir()                                   # doctest: +SKIP
+    >>> loader = cifar10_loader(d, "test_lossless1k", batch_size=250)   # doctest: +SKIP
+    >>> model = get_model("resnet20", weights=os.path.join(d, "weights/resnet20-12fca82f.th"))  # doctest: +SKIP
+    >>> evaluate(model, loader)                          # doctest: +SKIP
+    0.915
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+__all__ = [
+    "ENV_VAR",
+    "MEAN",
+    "SPLITS",
+    "STD",
+    "cifar10_loader",
+    "data_dir",
+    "evaluate",
+    "load_cifar10_npz",
+    "normalize",
+    "torchvision_cifar",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Environment variable naming the data folder.
+ENV_VAR = "OBA_FX_DATA"
+
+#: Per-channel mean (RGB, pixels in [0, 1]) the pretrained CIFAR ResNets were trained with (ImageNet's).
+MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+#: Per-channel std (RGB, pixels in [0, 1]) the pretrained CIFAR ResNets were trained with (ImageNet's).
+STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+#: split name -> npz file name inside the data folder.
+SPLITS: dict[str, str] = {
+    "train": "cifar10_train.npz",
+    "test": "cifar10_test.npz",
+    "test_lossless1k": "cifar10_test_lossless1k.npz",
+}
+
+
+def data_dir(explicit: str | os.PathLike | None = None) -> Path:
+    """The data folder: ``explicit`` if given, else ``$OBA_FX_DATA``.
+
+    Args:
+        explicit: A folder passed by the caller (e.g. a ``--data DIR`` option).
+
+    Returns:
+        The folder as a :class:`~pathlib.Path`.
+
+    Raises:
+        RuntimeError: Neither ``explicit`` nor ``OBA_FX_DATA`` is set.
+        FileNotFoundError: The folder named does not exist or is not a directory.
+
+    Example:
+        >>> import tempfile
+        >>> d = tempfile.mkdtemp()
+        >>> data_dir(d) == Path(d)
+        True
+    """
+    if explicit is not None:
+        path, source = Path(explicit), "the path passed in"
+    else:
+        env = os.environ.get(ENV_VAR)
+        if not env:
+            raise RuntimeError(
+                "no data folder given: pass --data DIR (or data_dir(explicit=DIR)) or set the "
+                f"environment variable {ENV_VAR}=DIR, where DIR holds {', '.join(SPLITS.values())}"
+            )
+        path, source = Path(env), f"${ENV_VAR}"
+    path = path.expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"data folder {str(path)!r} (from {source}) does not exist or is not a directory")
+    return path
+
+
+def normalize(x_uint8_nhwc: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 NHWC RGB images -> float32 NCHW normalised with :data:`MEAN` / :data:`STD`.
+
+    Example:
+        >>> import numpy as np
+        >>> normalize(np.zeros((1, 32, 32, 3), np.uint8)).shape
+        torch.Size([1, 3, 32, 32])
+    """
+    x = torch.as_tensor(x_uint8_nhwc)
+    x = x.permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    return x.sub_(mean).div_(std).contiguous()
+
+
+def load_cifar10_npz(
+    dir: str | os.PathLike, split: str, limit: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Load one CIFAR-10 npz split as normalised tensors.
+
+    Args:
+        dir: The data folder (see :func:`data_dir`).
+        split: ``"train"`` (50,000, JPEG-degraded), ``"test"`` (10,000, JPEG-degraded) or
+            ``"test_lossless1k"`` (the exact first 1,000 test images).
+        limit: Keep only the first ``limit`` images (before normalising, so it is cheap).
+
+    Returns:
+        ``(x, y)``: ``x`` float32 (N, 3, 32, 32) normalised with :data:`MEAN` / :data:`STD`;
+        ``y`` int64 (N,).
+
+    Raises:
+        ValueError: Unknown split, or a file without the expected arrays.
+        FileNotFoundError: The folder or the split's file is missing.
+        OSError: The file cannot be read as an npz archive.
+
+    Example:
+        >>> x, y = load_cifar10_npz(data_dir(), "test_lossless1k", limit=8)   # doctest: +SKIP
+        >>> x.shape, y.shape                                               # doctest: +SKIP
+        (torch.Size([8, 3, 32, 32]), torch.Size([8]))
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLITS)}")
+    folder = Path(dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"data folder {str(folder)!r} does not exist; it should hold {', '.join(SPLITS.values())}"
+        )
+    path = folder / SPLITS[split]
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"CIFAR-10 file {str(path)!r} for split {split!r} is missing; the data folder should hold "
+            f"{', '.join(SPLITS.values())}"
+        )
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+        raise OSError(f"cannot read CIFAR-10 file {str(path)!r} as an npz archive: {exc}") from exc
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError(f"{str(path)!r} is a single .npy array, not an npz archive with 'x' and 'y'")
+    with archive as d:
+        if "x" not in d.files or "y" not in d.files:
+            raise ValueError(f"{str(path)!r} has arrays {d.files}; expected 'x' (uint8 NHWC) and 'y' (int64)")
+        try:
+            xs, ys = d["x"], d["y"]
+        except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+            raise OSError(f"cannot read arrays from CIFAR-10 file {str(path)!r}: {exc}") from exc
+    if xs.dtype != np.uint8 or xs.ndim != 4 or xs.shape[1:] != (32, 32, 3) or len(ys) != len(xs):
+        raise ValueError(
+            f"{str(path)!r}: expected x uint8 (N, 32, 32, 3) and y (N,), got x {xs.dtype} {xs.shape}, y {ys.shape}"
+        )
+    if limit is not None:
+        xs, ys = xs[:limit], ys[:limit]
+    logger.debug("loaded %s: %d images", path, len(xs))
+    return normalize(xs), torch.from_numpy(np.ascontiguousarray(ys)).long()
+
+
+class _AugmentedTensorDataset(Dataset):
+    """Random crop (4-pixel zero padding, in pixel space) and horizontal flip on normalised tensors."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, padding: int = 4) -> None:
+        self.x, self.y, self.padding = x, y, padding
+        # A black pixel (0 before normalising) is -mean/std after normalising.
+        self.fill = (-torch.tensor(MEAN) / torch.tensor(STD)).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        img = self.x[i]
+        p = self.padding
+        c, h, w = img.shape
+        padded = self.fill.expand(c, h + 2 * p, w + 2 * p).clone()
+        padded[:, p : p + h, p : p + w] = img
+        top, left = torch.randint(0, 2 * p + 1, (2,)).tolist()
+        out = padded[:, top : top + h, left : left + w]
+        if torch.rand(()) < 0.5:
+            out = out.flip(-1)
+        return out.contiguous(), self.y[i]
+
+
+def cifar10_loader(
+    dir: str | os.PathLike,
+    split: str,
+    batch_size: int,
+    limit: int | None = None,
+    shuffle: bool = False,
+    augment: bool = False,
+    num_workers: int = 0,
+    seed: int | None = None,
+) -> DataLoader:
+    """A DataLoader of ``(x, y)`` batches from one npz split (see :func:`load_cifar10_npz`).
+
+    Args:
+        dir: The data folder.
+        split: ``"train"``, ``"test"`` or ``"test_lossless1k"``.
+        batch_size: Images per batch.
+        limit: Use only the first ``limit`` images.
+        shuffle: Reshuffle every epoch.
+        augment: Standard CIFAR augmentation (random 32x32 crop of the image zero-padded by 4,
+            random horizontal flip).
+        num_workers: DataLoader worker processes.
+        seed: Seeds the shuffling order (``None``: torch's global RNG).
+
+    Returns:
+        A :class:`torch.utils.data.DataLoader`.
+
+    Example:
+        >>> loader = cifar10_loader(data_dir(), "test", batch_size=100, limit=500)   # doctest: +SKIP
+        >>> len(loader)                                                            # doctest: +SKIP
+        5
+    """
+    x, y = load_cifar10_npz(dir, split, limit=limit)
+    dataset: Dataset = _AugmentedTensorDataset(x, y) if augment else TensorDataset(x, y)
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, generator=generator
+    )
+
+
+def torchvision_cifar(
+    root: str | os.PathLike,
+    train: bool,
+    download: bool = False,
+    augment: bool = False,
+    dataset: str = "cifar10",
+) -> Dataset:
+    """A ``torchvision.datasets.CIFAR10``/``CIFAR100`` with this library's normalisation.
+
+    For users who have the original CIFAR python archives (torchvision layout) under ``root``.
+
+    Args:
+        root: torchvision dataset root (holding ``cifar-10-batches-py``).
+        train: Train or test split.
+        download: Let torchvision download the archive if absent.
+        augment: Random crop (padding 4) and horizontal flip.
+        dataset: ``"cifar10"`` or ``"cifar100"``.
+
+    Returns:
+        The torchvision dataset, yielding normalised float tensors and int labels.
+
+    Raises:
+        ValueError: Unknown ``dataset``.
+        RuntimeError: From torchvision when the files are absent and ``download`` is False.
+
+    Example:
+        >>> ds = torchvision_cifar("~/datasets", train=False)   # doctest: +SKIP
+        >>> ds[0][0].shape                                     # doctest: +SKIP
+        torch.Size([3, 32, 32])
+    """
+    import torchvision
+    from torchvision import transforms as T
+
+    classes = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}
+    if dataset not in classes:
+        raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(classes)}")
+    steps: list = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if augment else []
+    steps += [T.ToTensor(), T.Normalize(MEAN, STD)]
+    return classes[dataset](
+        root=os.path.expanduser(os.fspath(root)), train=train, download=download, transform=T.Compose(steps)
+    )
+
+
+def _module_device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def evaluate(model: nn.Module, loader, max_batches: int | None = None) -> float:
+    """Top-1 accuracy of ``model`` on ``loader``, as a fraction in [0, 1].
+
+    Runs in eval mode under ``torch.no_grad()`` and restores the model's previous train/eval mode.
+    Batches are moved to the device of the model's first parameter.
+
+    Args:
+        model: A classifier returning logits (N, C).
+        loader: Iterable of ``(x, y)`` batches.
+        max_batches: Stop after this many batches.
+
+    Returns:
+        Correct predictions / images seen (0.0 if the loader is empty).
+
+    Example:
+        >>> import torch
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> model = torch.nn.Linear(2, 2)
+        >>> with torch.no_grad():
+        ...     _ = model.weight.copy_(torch.eye(2)); _ = model.bias.zero_()
+        >>> x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]); y = torch.tensor([0, 1, 1])
+        >>> evaluate(model, DataLoader(TensorDataset(x, y), batch_size=2))
+        0.6666666666666666
+    """
+    device = _module_device(model)
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    try:
+        with torch.no_grad():
+            for i, (x, y) in enumerate(loader):
+                if max_batches is not None and i >= max_batches:
+                    break
+                x, y = x.to(device), y.to(device)
+                pred = model(x).argmax(dim=1)
+                correct += int((pred == y).sum())
+                total += int(y.numel())
+    finally:
+        model.train(was_training)
+    acc = correct / total if total else 0.0
+    logger.info("top-1 %.4f on %d images", acc, total)
+    return acc

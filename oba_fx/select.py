@@ -1,0 +1,220 @@
+"""Turning per-parameter scores into removed units, against a target.
+
+Scores arrive per parameter (``{name: tensor of the parameter's shape}``, see
+:mod:`oba_fx.importance`). For each prunable unit, each member layer's entries are summed
+(signed), the absolute value taken, averaged over the member layers, normalised by the
+maximum in the unit's coupling group, and all units are ranked globally (DESIGN.md §2).
+
+Example:
+    >>> import numpy as np
+    >>> order_with_caps(np.array([0.3, 0.1, 0.2]), [[(0, 1)], [(0, 1)], [(1, 1)]],
+    ...                 np.array([2, 1]), np.array([0.5, 0.99])).tolist()
+    [1]
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import numpy as np
+import torch
+
+from .coupling import Coupling
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which units are removed (``gm.meta["oba.selection"]``).
+
+    Attributes:
+        removed: ``bool[n_units]``.
+        scores: ``float[n_units]`` normalised unit scores (``nan`` where not prunable).
+        flops: predicted FLOPs after removal.
+        params: predicted parameter count after removal.
+    """
+
+    removed: np.ndarray
+    scores: np.ndarray
+    flops: int
+    params: int
+
+
+def unit_scores(c: Coupling, param_scores: Mapping[str, torch.Tensor]) -> np.ndarray:
+    """Per-unit importance from per-parameter scores (``nan`` for units that are not prunable)."""
+    total = np.zeros(c.n_units)
+    members = np.zeros(c.n_units)
+    for s in c.primary_spaces():
+        t = param_scores.get(s.owner)
+        if t is None:
+            continue
+        t = t.detach().double()
+        dims = [d for d in range(t.dim()) if d != s.dim]
+        vec = (t.sum(dim=dims) if dims else t).cpu().numpy()
+        u = c.units_of(s)
+        per_unit = np.zeros(c.n_units)
+        np.add.at(per_unit, u, vec)
+        uu = np.unique(u)
+        total[uu] += np.abs(per_unit[uu])
+        members[uu] += 1
+    out = np.full(c.n_units, np.nan)
+    ok = c.prunable & (members > 0)
+    out[ok] = total[ok] / members[ok]
+    # normalise by the group maximum
+    gmax = np.zeros(c.n_groups)
+    np.maximum.at(gmax, c.group[ok], out[ok])
+    denom = gmax[c.group[ok]]
+    out[ok] = np.where(denom > 0, out[ok] / np.where(denom > 0, denom, 1), 0.0)
+    return out
+
+
+def unit_space_counts(c: Coupling) -> list[list[tuple[int, int]]]:
+    """For each unit, ``[(space id, number of its indices in that space), ...]``."""
+    per: list[list[tuple[int, int]]] = [[] for _ in range(c.n_units)]
+    for s in c.spaces:
+        u, n = np.unique(c.units_of(s), return_counts=True)
+        for a, b in zip(u.tolist(), n.tolist()):
+            per[a].append((s.id, b))
+    return per
+
+
+def order_with_caps(scores: np.ndarray, unit_spaces: list[list[tuple[int, int]]],
+                    space_sizes: np.ndarray, cap: np.ndarray) -> np.ndarray:
+    """Units in the order they may be removed: ascending score, skipping a unit whose removal
+    would take some space beyond its cap (``cap[space]``, a fraction) or to zero indices."""
+    removed_count = np.zeros(len(space_sizes), dtype=np.int64)
+    limit = np.minimum(np.floor(cap * space_sizes), space_sizes - 1).astype(np.int64)
+    out = []
+    cand = np.nonzero(~np.isnan(scores))[0]
+    for u in cand[np.argsort(scores[cand], kind="stable")]:
+        sp = unit_spaces[u]
+        if all(removed_count[s] + n <= limit[s] for s, n in sp):
+            for s, n in sp:
+                removed_count[s] += n
+            out.append(int(u))
+    return np.asarray(out, dtype=np.int64)
+
+
+def apply_round_to(removed: np.ndarray, order: np.ndarray, c: Coupling, round_to: int) -> np.ndarray:
+    """Give back the last-removed units of each group until its kept prunable count is a
+    multiple of ``round_to``."""
+    if round_to <= 1:
+        return removed
+    removed = removed.copy()
+    for g in np.unique(c.group[c.prunable]):
+        members = c.prunable & (c.group == g)
+        n_kept = int((members & ~removed).sum())
+        excess = (-n_kept) % round_to
+        if excess == 0:
+            continue
+        in_g = [u for u in order[::-1] if removed[u] and c.group[u] == g]
+        for u in in_g[:excess]:
+            removed[u] = False
+    return removed
+
+
+def choose(order: np.ndarray, n_units: int, measure: Callable[[np.ndarray], float], target: float,
+           finalize: Callable[[np.ndarray], np.ndarray] = lambda r: r) -> np.ndarray:
+    """Smallest prefix of ``order`` whose removal brings ``measure`` to ``target`` or below
+    (binary search; ``measure`` falls as more units go). Raises ``ValueError`` if none does."""
+
+    def mask(k: int) -> np.ndarray:
+        m = np.zeros(n_units, dtype=bool)
+        m[order[:k]] = True
+        return finalize(m)
+
+    if measure(mask(len(order))) > target:
+        best = measure(mask(len(order)))
+        raise ValueError(
+            f"target unreachable: removing every removable unit ({len(order)}) still leaves "
+            f"{best:.4g} > target {target:.4g}. Ways out: a larger target, a higher max_layer_ratio, "
+            "fewer ignored modules, or look at compiled.meta['oba']['barriers'] for ops that block pruning"
+        )
+    lo, hi = 0, len(order)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if measure(mask(mid)) <= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    return mask(lo)
+
+
+@dataclass(frozen=True)
+class Target:
+    """What to reach.
+
+    Attributes:
+        kind: ``"flops"`` / ``"params"`` (retained fraction in (0, 1]) or ``"channels"``
+            (fraction of prunable units removed, in [0, 1)).
+        value: the fraction.
+        max_layer_ratio: the most any one layer (any space) may lose, a fraction in (0, 1).
+        round_to: kept units per coupling group rounded to a multiple of this.
+    """
+
+    kind: str
+    value: float
+    max_layer_ratio: float = 0.95
+    round_to: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("flops", "params", "channels"):
+            raise ValueError(f"target kind must be 'flops', 'params' or 'channels', got {self.kind!r}")
+        v = self.value
+        if self.kind == "channels" and not 0.0 <= v < 1.0:
+            raise ValueError(f"channel_ratio is the fraction of prunable channels removed and must be in [0, 1), got {v}")
+        if self.kind != "channels" and not 0.0 < v <= 1.0:
+            raise ValueError(f"target_{self.kind} is the retained fraction and must be in (0, 1], got {v}")
+        if not 0.0 < self.max_layer_ratio < 1.0:
+            raise ValueError(f"max_layer_ratio must be in (0, 1), got {self.max_layer_ratio}")
+        if int(self.round_to) != self.round_to or self.round_to < 1:
+            raise ValueError(f"round_to must be a positive integer, got {self.round_to}")
+
+
+def count_params(gm: torch.nn.Module, c: Coupling, removed: np.ndarray | None = None) -> int:
+    """Parameters of ``gm`` after removing ``removed`` units (all parameters when ``None``)."""
+    total = 0
+    for name, p in gm.named_parameters():
+        shape = list(p.shape)
+        if removed is not None:
+            for d in range(len(shape)):
+                s = c.param_spaces.get((name, d))
+                if s is not None:
+                    shape[d] = int((~removed[c.units_of(s)]).sum())
+        total += int(np.prod(shape))
+    return total
+
+
+def select(gm: torch.fx.GraphModule, c: Coupling, scores: Mapping[str, torch.Tensor], target: Target) -> Selection:
+    """Choose the units to remove (lowest normalised score first) to meet ``target``."""
+    from .ops import count_flops, new_shape
+
+    us = unit_scores(c, scores)
+    sizes = np.array([s.size for s in c.spaces], dtype=np.int64)
+    order = order_with_caps(us, unit_space_counts(c), sizes, np.full(len(sizes), target.max_layer_ratio))
+
+    def flops(removed: np.ndarray) -> int:
+        return count_flops(gm, lambda n: new_shape(n, c, removed))
+
+    def finalize(removed: np.ndarray) -> np.ndarray:
+        return apply_round_to(removed, order, c, int(target.round_to))
+
+    n = c.n_units
+    if target.kind == "channels":
+        k = int(round(target.value * int(c.prunable.sum())))
+        if k > len(order):
+            raise ValueError(
+                f"channel_ratio={target.value} asks for {k} channels but only {len(order)} can go under "
+                f"max_layer_ratio={target.max_layer_ratio}; lower the ratio or raise max_layer_ratio")
+        removed = finalize(np.isin(np.arange(n), order[:k]))
+    elif target.kind == "flops":
+        removed = choose(order, n, flops, target.value * flops(np.zeros(n, bool)), finalize)
+    else:
+        removed = choose(order, n, lambda r: count_params(gm, c, r),
+                         target.value * count_params(gm, c), finalize)
+    removed.setflags(write=False)
+    log.info("selected %d of %d prunable units", int(removed.sum()), int(c.prunable.sum()))
+    return Selection(removed, us, flops(removed), count_params(gm, c, removed))

@@ -1,0 +1,111 @@
+"""Symbolic tracing with a leaf policy, and errors that say where tracing failed.
+
+Example:
+    >>> import torch
+    >>> gm = trace(torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU()))
+    >>> [n.op for n in gm.graph.nodes]
+    ['placeholder', 'call_module', 'call_module', 'output']
+"""
+
+from __future__ import annotations
+
+import copy
+import linecache
+import os
+import traceback
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.fx
+import torch.nn as nn
+
+from .errors import TraceError
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+class LeafTracer(torch.fx.Tracer):
+    """``torch.fx.Tracer`` whose leaves are torch.nn's own modules plus the user's choice.
+
+    Args:
+        leaf_modules: module classes, or qualified module names, to keep as single calls.
+    """
+
+    def __init__(self, leaf_modules: Iterable[type | str] = ()) -> None:
+        super().__init__()
+        leaves = tuple(leaf_modules)
+        self.leaf_types = tuple(x for x in leaves if isinstance(x, type))
+        self.leaf_names = {x for x in leaves if isinstance(x, str)}
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if qualname in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def _user_frame(tb) -> str | None:
+    """The innermost traceback frame outside torch: the user's line that failed."""
+    best = None
+    for fs in traceback.extract_tb(tb):
+        if not fs.filename.startswith(_TORCH_DIR) and "oba_fx" not in fs.filename:
+            best = fs
+    if best is None:
+        return None
+    line = (best.line or linecache.getline(best.filename, best.lineno)).strip()
+    return f"{best.filename}:{best.lineno}: {line}"
+
+
+def trace(model: nn.Module, *, leaf_modules: Iterable[type | str] = (),
+          concrete_args: dict[str, Any] | None = None) -> torch.fx.GraphModule:
+    """Trace a deep copy of ``model`` (the user's model is never touched).
+
+    Raises:
+        TraceError: naming the module being traced and the user's source line, with the ways
+            out (leaf modules, ``concrete_args``).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"prune_graph expects a torch.nn.Module, got {type(model).__name__}")
+    root = copy.deepcopy(model)
+    if isinstance(root, torch.fx.GraphModule):
+        gm = torch.fx.GraphModule(root, copy.deepcopy(root.graph))
+        gm.meta.clear()
+        return gm
+    tracer = LeafTracer(leaf_modules)
+    try:
+        graph = tracer.trace(root, concrete_args=concrete_args)
+    except Exception as e:
+        stack = list(getattr(tracer, "module_stack", {}) or {})
+        where = f"module {stack[-1]!r}" if stack and stack[-1] else f"model {type(model).__name__}"
+        raise TraceError(where, f"{type(e).__name__}: {e}", _user_frame(e.__traceback__)) from e
+    name = type(root).__name__
+    return torch.fx.GraphModule(tracer.root, graph, name)
+
+
+def as_tuple(example_inputs: Any) -> tuple:
+    """Example inputs as a tuple of positional arguments."""
+    if isinstance(example_inputs, tuple):
+        return example_inputs
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    return (example_inputs,)
+
+
+def check_inputs(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> None:
+    """Raise ``ValueError`` if the example inputs do not match the traced signature."""
+    n_ph = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    required = [n for n in n_ph if not n.args]
+    if len(example_inputs) < len(required) or len(example_inputs) > len(n_ph):
+        raise ValueError(
+            f"example_inputs has {len(example_inputs)} positional input(s), but the traced model takes "
+            f"{len(required)} to {len(n_ph)} ({', '.join(n.name for n in n_ph)}); pass a tuple with one "
+            "tensor per forward() argument")
+
+
+def clone(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Deep copy of ``gm`` without its graph-level analysis records (``gm.meta``)."""
+    saved = dict(gm.meta)
+    gm.meta.clear()
+    try:
+        return copy.deepcopy(gm)
+    finally:
+        gm.meta.update(saved)

@@ -1,0 +1,36 @@
+"""Shape propagation with the example inputs (``tensor_meta`` on every node)."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch.fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+from torch.fx.passes.shape_prop import ShapeProp
+
+
+class ShapePropPass(PassBase):
+    """Run ``torch.fx.passes.shape_prop.ShapeProp``; a mismatch becomes a ``ValueError``.
+
+    Example:
+        >>> import torch
+        >>> gm = torch.fx.symbolic_trace(torch.nn.Linear(2, 3))
+        >>> _ = ShapePropPass((torch.randn(4, 2),))(gm)
+        >>> tuple(list(gm.graph.nodes)[1].meta["tensor_meta"].shape)
+        (4, 3)
+    """
+
+    def __init__(self, example_inputs: Sequence[Any]) -> None:
+        super().__init__()
+        self.example_inputs = tuple(example_inputs)
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        try:
+            ShapeProp(gm).propagate(*self.example_inputs)
+        except Exception as e:
+            shapes = [tuple(x.shape) if hasattr(x, "shape") else type(x).__name__ for x in self.example_inputs]
+            raise ValueError(
+                f"the example inputs (shapes {shapes}) do not fit the model: {type(e).__name__}: {e}. "
+                "Pass example_inputs the model's forward() accepts, e.g. torch.randn(1, 3, 224, 224) "
+                "for an ImageNet CNN") from e
+        return PassResult(gm, False)
