@@ -9,9 +9,9 @@ Example:
     24
 """
 
-from .api import explain, prune_graph
+from .api import explain, hessian_structure, prune_graph
 from .errors import MissingAnalysisError, OBAError, SurgeryError, TraceError, VerificationError
 
-__all__ = ["prune_graph", "explain", "OBAError", "TraceError", "SurgeryError", "VerificationError",
+__all__ = ["prune_graph", "explain", "hessian_structure", "OBAError", "TraceError", "SurgeryError", "VerificationError",
            "MissingAnalysisError"]
 __version__ = "0.1.0"

@@ -118,7 +118,8 @@ def prune_graph(model: nn.Module, example_inputs: Any, *, criterion: str = "l1",
 
 
 def explain(model: nn.Module, example_inputs: Any, *, path: str | Path | None = None,
-            leaf_modules: Iterable[type | str] = (), concrete_args: dict | None = None) -> nx.Graph:
+            hessian_path: str | Path | None = None, leaf_modules: Iterable[type | str] = (),
+            concrete_args: dict | None = None) -> nx.Graph:
     """The coupling graph of ``model`` as a networkx graph, optionally written to ``path``.
 
     Nodes are coupling groups (``kind="group"``) and parameter dimensions (``kind="param"``,
@@ -127,6 +128,7 @@ def explain(model: nn.Module, example_inputs: Any, *, path: str | Path | None = 
 
     Args:
         path: ``.dot``, ``.graphml``, ``.json``, ``.png`` or ``.svg``; the suffix picks the format.
+        hessian_path: where to write the Hessian block graph (:func:`hessian_structure`), same formats.
 
     Example:
         >>> import torch, oba_fx
@@ -141,4 +143,30 @@ def explain(model: nn.Module, example_inputs: Any, *, path: str | Path | None = 
     G = coupling_graph(gm.meta["oba.coupling"])
     if path is not None:
         write_graph(G, path)
+    if hessian_path is not None:
+        from .hessian_blocks import block_structure
+
+        write_graph(block_structure(gm), hessian_path)
     return G
+
+
+def hessian_structure(model: nn.Module, example_inputs: Any, *, leaf_modules: Iterable[type | str] = (),
+                      concrete_args: dict | None = None) -> nx.Graph:
+    """Which blocks of the functional Hessian of ``model`` can be non-zero.
+
+    Returns an undirected networkx graph whose nodes are the module names of parameterised
+    layers; an edge (attribute ``kind`` in {"series", "parallel"}) marks a block that may be
+    non-zero, a self-loop a layer whose own block may be non-zero; every absent pair is an
+    exact zero. See :mod:`oba_fx.hessian_blocks` for the rules.
+
+    Example:
+        >>> import torch, oba_fx
+        >>> m = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+        >>> G = oba_fx.hessian_structure(m, torch.randn(1, 2))
+        >>> sorted(G.edges(data="kind"))
+        [('0', '0', 'parallel'), ('0', '2', 'series')]
+    """
+    from .passes.pipeline import analyze_model
+
+    gm = analyze_model(model, as_tuple(example_inputs), leaf_modules=leaf_modules, concrete_args=concrete_args)
+    return gm.meta["oba.hessian_structure"]

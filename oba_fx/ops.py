@@ -1064,13 +1064,20 @@ def _couple_pad(ctx: Ctx) -> None:
     nd = len(ish)
     amounts = {nd - 1 - k // 2: (pad[k], pad[k + 1]) for k in range(0, len(pad), 2)}
     spaces = []
-    for s in _ts(x).spaces:
-        lo, hi = amounts.get(s.dim, (0, 0))
+    for d in range(nd):
+        s = _ts(x).at(d)
+        lo, hi = amounts.get(d, (0, 0))
         if lo < 0 or hi < 0:
             ctx.b.pin(s)
             continue
-        o = ctx.new(s.dim)
-        ctx.b.union(s, o, None, np.arange(lo, lo + s.size))
+        if s is None and lo == hi == 0:
+            continue
+        o = ctx.new(d)
+        inner = np.arange(lo, lo + ish[d])
+        if s is None:  # only the padding indices can go
+            ctx.b.pin(o, inner)
+        else:
+            ctx.b.union(s, o, None, inner)
         spaces.append(o)
     ctx.set(TensorSpaces(tuple(spaces)))
 

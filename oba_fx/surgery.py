@@ -28,7 +28,7 @@ import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from . import meta as M
-from .tracing import clone
+from .tracing import clone, eval_mode
 from .coupling import Coupling
 from .errors import SurgeryError
 from .ops import _shape, new_shape, rule_for_node, slim_node
@@ -78,7 +78,8 @@ def slim(gm: torch.fx.GraphModule, c: Coupling, removed: np.ndarray,
 def check_shapes(gm: torch.fx.GraphModule, expected: dict[str, tuple], example_inputs: Sequence) -> None:
     """Shape-propagate ``gm`` and compare every node with ``expected``."""
     try:
-        ShapeProp(gm).propagate(*example_inputs)
+        with eval_mode(gm):
+            ShapeProp(gm).propagate(*example_inputs)
     except Exception as e:
         raise SurgeryError(f"the slimmed graph does not run: {type(e).__name__}: {e}") from e
     for node in gm.graph.nodes:

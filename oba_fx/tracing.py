@@ -9,6 +9,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import linecache
 import os
@@ -109,3 +110,27 @@ def clone(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         return copy.deepcopy(gm)
     finally:
         gm.meta.update(saved)
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module):
+    """Run ``module`` in eval mode without autograd, then restore every submodule's mode.
+
+    Shape propagation and verification use it, so that neither updates BatchNorm running
+    statistics nor draws dropout masks.
+    """
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield module
+    finally:
+        for m, t in modes:
+            m.training = t
+
+
+def root_cause(e: BaseException) -> BaseException:
+    """The innermost exception of a ``raise ... from`` chain."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    return e

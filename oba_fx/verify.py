@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import torch
 
 from .errors import VerificationError
+from .tracing import eval_mode
 
 
 def _flat(x: Any) -> list[torch.Tensor]:
@@ -26,14 +27,14 @@ def _flat(x: Any) -> list[torch.Tensor]:
     return []
 
 
-@torch.no_grad()
 def compare(model: torch.nn.Module, reference: torch.nn.Module, inputs: Sequence[Any], rtol: float = 1e-4) -> float:
-    """Largest output difference relative to the reference's largest magnitude.
+    """Largest output difference relative to the reference's largest magnitude (eval mode).
 
     Raises:
         VerificationError: if it exceeds ``rtol`` or the output structures differ.
     """
-    got, want = _flat(model(*inputs)), _flat(reference(*inputs))
+    with eval_mode(model), eval_mode(reference):
+        got, want = _flat(model(*inputs)), _flat(reference(*inputs))
     if len(got) != len(want) or any(a.shape != b.shape for a, b in zip(got, want)):
         raise VerificationError(
             f"output shapes differ: slimmed {[tuple(a.shape) for a in got]} vs masked original "

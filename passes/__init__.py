@@ -6,9 +6,10 @@ own typed record. :mod:`oba_fx.passes.pipeline` runs them in order.
 """
 
 from .coupling import CouplingPass
+from .hessian_structure import HessianStructurePass
 from .select import SelectPass
 from .shape_prop import ShapePropPass
 from .slim import SlimPass
 from .verify import VerifyPass
 
-__all__ = ["ShapePropPass", "CouplingPass", "SelectPass", "SlimPass", "VerifyPass"]
+__all__ = ["ShapePropPass", "CouplingPass", "HessianStructurePass", "SelectPass", "SlimPass", "VerifyPass"]

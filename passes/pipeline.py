@@ -28,6 +28,7 @@ from oba_fx.select import Target
 from oba_fx.tracing import check_inputs, trace
 
 from .coupling import CouplingPass
+from .hessian_structure import HessianStructurePass
 from .select import SelectPass
 from .shape_prop import ShapePropPass
 from .slim import SlimPass
@@ -38,11 +39,13 @@ log = logging.getLogger(__name__)
 
 def analyze_model(model: torch.nn.Module, example_inputs: Sequence[Any], *, leaf_modules: Iterable = (),
                   concrete_args: dict | None = None, frozen_modules: Iterable[str] = ()) -> torch.fx.GraphModule:
-    """Trace a copy of ``model``, propagate shapes and compute the coupling."""
+    """Trace a copy of ``model``, propagate shapes, compute the coupling and the Hessian block
+    structure."""
     gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
     check_inputs(gm, example_inputs)
     ShapePropPass(example_inputs)(gm)
     CouplingPass(frozen_modules)(gm)
+    HessianStructurePass()(gm)
     return gm
 
 

@@ -8,9 +8,12 @@ import torch.fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from torch.fx.passes.shape_prop import ShapeProp
 
+from oba_fx.tracing import eval_mode, root_cause
+
 
 class ShapePropPass(PassBase):
-    """Run ``torch.fx.passes.shape_prop.ShapeProp``; a mismatch becomes a ``ValueError``.
+    """Run ``torch.fx.passes.shape_prop.ShapeProp`` in eval mode without autograd (so that no
+    BatchNorm statistics change); a mismatch becomes a ``ValueError`` naming the node.
 
     Example:
         >>> import torch
@@ -25,12 +28,17 @@ class ShapePropPass(PassBase):
         self.example_inputs = tuple(example_inputs)
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        prop = ShapeProp(gm)
         try:
-            ShapeProp(gm).propagate(*self.example_inputs)
+            with eval_mode(gm):
+                prop.propagate(*self.example_inputs)
         except Exception as e:
             shapes = [tuple(x.shape) if hasattr(x, "shape") else type(x).__name__ for x in self.example_inputs]
+            cause = root_cause(e)
+            where = next((n for n in gm.graph.nodes if n.op != "placeholder" and "tensor_meta" not in n.meta), None)
             raise ValueError(
-                f"the example inputs (shapes {shapes}) do not fit the model: {type(e).__name__}: {e}. "
+                f"the example inputs (shapes {shapes}) do not fit the model: at node {getattr(where, 'name', '?')!r} "
+                f"({getattr(where, 'target', '?')}): {type(cause).__name__}: {cause}. "
                 "Pass example_inputs the model's forward() accepts, e.g. torch.randn(1, 3, 224, 224) "
                 "for an ImageNet CNN") from e
         return PassResult(gm, False)

@@ -1,0 +1,133 @@
+"""Which blocks of the functional Hessian ``H_F`` can be non-zero, read off the graph.
+
+``H_F = Σ_n λ_n f_n''`` (DESIGN.md §2): only ops with a second derivative contribute.
+
+* a parameterised layer ``Y = W ⋆ X`` has the cross term ``∂²/∂W∂X``: its block with every
+  layer upstream of ``X`` may be non-zero (**series**);
+* a product of two activations ``u ⊙ v`` / ``u @ v`` mixes whatever reaches ``u`` with whatever
+  reaches ``v`` (**parallel**; a layer reaching both operands gets its own block, a self-loop);
+* a smooth op (GELU, sigmoid, softmax, LayerNorm, train-mode BatchNorm, ...) mixes every pair of
+  layers that reach its input, itself included (parallel and self-loops);
+* piecewise-linear and linear ops (ReLU, max-pool, add, reshape, cat) contribute nothing;
+* an op without a rule in the op table is assumed to mix everything it reads (never a false zero).
+
+Nodes of the result are module names of parameterised layers (a parameter read directly with
+``get_attr``, e.g. a layer-scale vector, counts as a layer named after its module).
+
+Example:
+    >>> import torch, torch.fx
+    >>> m = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1))
+    >>> G = block_structure(torch.fx.symbolic_trace(m))
+    >>> sorted(G.edges(data="kind")), list(nx.selfloop_edges(G))
+    ([('0', '2', 'series')], [])
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import networkx as nx
+import torch
+import torch.fx
+import torch.nn as nn
+
+from .ops import rule_for_node
+
+_DIV = {operator.truediv, operator.itruediv, torch.div, torch.true_divide, "div", "div_"}
+
+
+def _layer_of(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str | None:
+    if node.op == "get_attr":
+        t = getattr(gm.get_submodule(node.target.rpartition(".")[0]) if "." in node.target else gm,
+                    node.target.rpartition(".")[2], None)
+        if isinstance(t, nn.Parameter) and t.requires_grad:
+            return node.target.rpartition(".")[0] or node.target
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        if any(p.requires_grad for p in m.parameters(recurse=True)):
+            return node.target
+    return None
+
+
+def block_structure(gm: torch.fx.GraphModule) -> nx.Graph:
+    """The block structure of ``H_F`` as an undirected graph.
+
+    Edges carry ``kind`` ("series" when one layer is upstream of the other's input, else
+    "parallel") and ``kinds`` (every reason found). A self-loop marks a layer whose own block
+    may be non-zero.
+    """
+    G = nx.Graph(name="hessian_blocks")
+    up: dict[str, frozenset[str]] = {}
+
+    def ups(a: Any) -> frozenset[str]:
+        return up.get(a.name, frozenset()) if isinstance(a, torch.fx.Node) else frozenset()
+
+    def add(a: str, b: str, kind: str) -> None:
+        if G.has_edge(a, b):
+            G.edges[a, b]["kinds"] = sorted(set(G.edges[a, b]["kinds"]) | {kind})
+            if kind == "series":
+                G.edges[a, b]["kind"] = "series"
+        else:
+            G.add_edge(a, b, kind=kind, kinds=[kind])
+
+    def mix(sets: list[frozenset[str]], cross_only: bool) -> None:
+        """Pairs between operands (cross_only) or among everything that reaches the op."""
+        if cross_only:
+            for i in range(len(sets)):
+                for j in range(i + 1, len(sets)):
+                    for a in sets[i]:
+                        for b in sets[j]:
+                            add(a, b, "parallel")
+        else:
+            allv = sorted(frozenset().union(*sets)) if sets else []
+            for i, a in enumerate(allv):
+                for b in allv[i:]:
+                    add(a, b, "parallel")
+
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        layer = _layer_of(gm, node)
+        if layer is not None:
+            G.add_node(layer, kind="layer")
+        ins = list(node.all_input_nodes) if node.op != "get_attr" else []
+        in_sets = [ups(a) for a in ins]
+        reach = frozenset().union(*in_sets) if in_sets else frozenset()
+        rule = rule_for_node(gm, node) if node.op != "get_attr" else None
+        curv = rule.curvature if rule is not None else ("none" if node.op == "get_attr" else "unknown")
+        if node.op == "call_module" and curv == "layer":
+            m = gm.get_submodule(node.target)
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or not m.track_running_stats):
+                curv = "smooth+layer"
+        if curv in ("smooth", "unknown", "smooth+layer"):
+            mix(in_sets, cross_only=False)
+        elif curv == "bilinear":
+            operands = list(node.args[:2]) if len(node.args) >= 2 else ins
+            operand_sets = [ups(a) for a in operands]
+            params = [_layer_of(gm, a) for a in operands if isinstance(a, torch.fx.Node) and a.op == "get_attr"]
+            if len(operands) == 2 and any(params):  # parameter * activation: that parameter's series term
+                p_layer = next(p for p in params if p)
+                for a in frozenset().union(*operand_sets) - {p_layer}:
+                    add(p_layer, a, "series")
+                operand_sets = [s - {p_layer} for s in operand_sets]
+            mix(operand_sets, cross_only=True)
+            # a layer reaching both operands (y * gate(y)) gets its own block
+            if len(operand_sets) == 2:
+                for a in operand_sets[0] & operand_sets[1]:
+                    add(a, a, "parallel")
+            if node.target in _DIV and len(node.args) >= 2:  # 1/v is smooth in v
+                mix([ups(node.args[1])], cross_only=False)
+        if layer is not None and node.op == "call_module":
+            for a in reach:  # the layer's (W, X) cross term
+                add(layer, a, "series")
+            if curv == "unknown":  # a parameterised op we do not understand: assume it mixes
+                for a in reach | {layer}:
+                    add(layer, a, "parallel")
+                add(layer, layer, "parallel")
+            up[node.name] = reach | {layer}
+        elif layer is not None:  # a parameter read with get_attr
+            up[node.name] = frozenset([layer])
+        else:
+            up[node.name] = reach
+    return G
