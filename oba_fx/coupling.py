@@ -17,7 +17,7 @@ Example:
     >>> from torch.fx.passes.shape_prop import ShapeProp
     >>> m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     >>> gm = torch.fx.symbolic_trace(m)
-    >>> ShapeProp(gm).propagate(torch.randn(3, 4))
+    >>> _ = ShapeProp(gm).propagate(torch.randn(3, 4))
     >>> c = analyze(gm)
     >>> int(c.prunable.sum())   # the 8 hidden neurons
     8

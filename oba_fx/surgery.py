@@ -10,10 +10,10 @@ Example:
     >>> from oba_fx.coupling import analyze
     >>> from torch.fx.passes.shape_prop import ShapeProp
     >>> gm = trace(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)))
-    >>> ShapeProp(gm).propagate(torch.randn(3, 4))
+    >>> _ = ShapeProp(gm).propagate(torch.randn(3, 4))
     >>> c = analyze(gm)
     >>> removed = c.prunable.copy(); removed[np.nonzero(removed)[0][4:]] = False
-    >>> slim(gm, c, removed, (torch.randn(3, 4),))[0].weight.shape
+    >>> slim(gm, c, removed, (torch.randn(3, 4),)).get_submodule("0").weight.shape
     torch.Size([4, 4])
 """
 

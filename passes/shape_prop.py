@@ -19,7 +19,8 @@ class ShapePropPass(PassBase):
         >>> import torch
         >>> gm = torch.fx.symbolic_trace(torch.nn.Linear(2, 3))
         >>> _ = ShapePropPass((torch.randn(4, 2),))(gm)
-        >>> tuple(list(gm.graph.nodes)[1].meta["tensor_meta"].shape)
+        >>> out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+        >>> tuple(out.meta["tensor_meta"].shape)
         (4, 3)
     """
 

@@ -1,0 +1,43 @@
+"""BatchNorm recalibration: re-estimate running statistics after pruning (no labels needed).
+
+Example:
+    >>> import torch
+    >>> m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4)).eval()
+    >>> _ = recalibrate_bn(m, [(torch.randn(8, 3, 4, 4) + 5, None)])
+    >>> bool(m[1].running_mean.abs().sum() > 0), m.training
+    (True, False)
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches: Iterable, max_batches: int | None = None) -> nn.Module:
+    """Reset every BatchNorm's running statistics and re-estimate them as the exact average
+    over ``batches`` (``(inputs, targets)`` pairs or bare inputs). Modes are restored."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return model
+    modes = [(m, m.training) for m in model.modules()]
+    saved = [(bn, bn.momentum) for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative moving average = exact mean over batches
+    model.train()
+    try:
+        for i, batch in enumerate(batches):
+            if max_batches is not None and i >= max_batches:
+                break
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            model(x)
+    finally:
+        for bn, mom in saved:
+            bn.momentum = mom
+        for m, t in modes:
+            m.training = t
+    return model

@@ -1,0 +1,130 @@
+"""The ``oba-fx`` command.
+
+``oba-fx prune`` prunes a model to a FLOPs target and prints accuracy before and after, with a
+per-layer table. Data and weights are found through flags or environment variables
+(``--data`` / ``OBA_FX_DATA``, ``--weights`` / ``OBA_FX_WEIGHTS``), never a built-in path.
+
+Example:
+    >>> main(["prune", "--model", "no_such_model", "--data", "/nonexistent"])
+    2
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("oba_fx.cli")
+
+WEIGHTS_ENV = "OBA_FX_WEIGHTS"
+DEFAULT_WEIGHTS = {"resnet20": "resnet20-12fca82f.th", "resnet32": "resnet32-d509ac18.th",
+                   "resnet44": "resnet44-014dd654.th", "resnet56": "resnet56-4bfd9763.th"}
+
+
+def _weights_path(args, data: Path) -> Path | None:
+    if args.weights:
+        return Path(args.weights)
+    if os.environ.get(WEIGHTS_ENV):
+        return Path(os.environ[WEIGHTS_ENV])
+    name = DEFAULT_WEIGHTS.get(args.model)
+    if name and (data / "weights" / name).exists():  # the npz folder may carry a weights/ folder
+        return data / "weights" / name
+    return None
+
+
+def layer_table(report: dict, before: torch.nn.Module, after: torch.nn.Module) -> str:
+    """Per-layer channels (out) and parameters, before and after."""
+    rows = [f"{'layer':34s} {'out ch before':>13s} {'after':>6s} {'params before':>13s} {'after':>8s}"]
+    for name, m in before.named_modules():
+        w = getattr(m, "weight", None)
+        if not isinstance(w, torch.Tensor) or w.dim() < 2:
+            continue
+        try:
+            m2 = after.get_submodule(name)
+        except AttributeError:
+            continue
+        p1 = sum(p.numel() for p in m.parameters(recurse=False))
+        p2 = sum(p.numel() for p in m2.parameters(recurse=False))
+        rows.append(f"{name:34s} {w.shape[0]:13d} {m2.weight.shape[0]:6d} {p1:13d} {p2:8d}")
+    return "\n".join(rows)
+
+
+def cmd_prune(args) -> int:
+    from . import prune_graph
+    from .bn import recalibrate_bn
+    from .data import cifar10_loader, data_dir, evaluate
+    from .models import get_model
+
+    data = data_dir(args.data)
+    weights = _weights_path(args, data)
+    model = get_model(args.model, weights=str(weights) if weights else None).eval()
+    if weights is None:
+        log.warning("no pretrained weights given (--weights or %s): pruning random weights", WEIGHTS_ENV)
+    exact = cifar10_loader(data, "test_lossless1k", batch_size=250)
+    full = cifar10_loader(data, "test", batch_size=500, limit=args.test_limit)
+    calib = cifar10_loader(data, "train", batch_size=args.batch_size, limit=args.batch_size * args.calib_batches,
+                           shuffle=True, seed=0)
+    x = next(iter(exact))[0][:1]
+    t0 = time.time()
+    acc = {"before": (evaluate(model, exact), evaluate(model, full))}
+    kwargs = dict(criterion=args.criterion, target_flops=args.target_flops)
+    if args.criterion not in ("l1", "l2", "random"):
+        kwargs.update(data=calib, max_batches=args.calib_batches)
+    pruned = prune_graph(model, x, **kwargs)
+    acc["after"] = (evaluate(pruned, exact), evaluate(pruned, full))
+    if args.bn_recal:
+        recalibrate_bn(pruned, calib)
+        acc["after + BN recalibration"] = (evaluate(pruned, exact), evaluate(pruned, full))
+    r = pruned.meta["oba"]
+    print(layer_table(r, model, pruned))
+    print(f"\nFLOPs {r['flops_before']:,} -> {r['flops_after']:,} ({r['flops_after'] / r['flops_before']:.3f}); "
+          f"params {r['params_before']:,} -> {r['params_after']:,} ({r['params_after'] / r['params_before']:.3f})")
+    n_full = len(full.dataset)
+    for k, (a1, a2) in acc.items():
+        print(f"accuracy {k:28s}: {100 * a1:5.1f} % on the exact 1k test images, {100 * a2:5.1f} % on {n_full} JPEG test images")
+    print(f"({args.criterion}, one-shot, no fine-tuning; {time.time() - t0:.0f} s)")
+    if args.out:
+        torch.save(pruned, args.out)
+        print(f"saved to {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="oba-fx", description="Second-order structured pruning as torch.fx passes")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pr = sub.add_parser("prune", help="prune a model to a FLOPs target and report accuracy before/after")
+    pr.add_argument("--model", default="resnet56", help="built-in CIFAR model or torchvision name (default resnet56)")
+    pr.add_argument("--weights", help=f"checkpoint path (or ${WEIGHTS_ENV}; default: DATA/weights/<model>-*.th)")
+    pr.add_argument("--data", help="folder of CIFAR-10 npz files (or $OBA_FX_DATA)")
+    pr.add_argument("--target-flops", type=float, default=0.5, help="retained FLOPs fraction (default 0.5)")
+    pr.add_argument("--criterion", default="l1", help="l1, l2, random, oba, taylor, obd_fisher, obd_hutchinson")
+    pr.add_argument("--calib-batches", type=int, default=16,
+                    help="calibration batches (scores of data-driven criteria, BN recalibration)")
+    pr.add_argument("--batch-size", type=int, default=64)
+    pr.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N JPEG test images")
+    pr.add_argument("--no-bn-recal", dest="bn_recal", action="store_false",
+                    help="skip re-estimating BatchNorm statistics on the calibration images after pruning")
+    pr.add_argument("--out", help="save the pruned GraphModule here (torch.save)")
+    pr.set_defaults(fn=cmd_prune)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (2 on a usage or input error)."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
+        print(f"oba-fx: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
