@@ -90,7 +90,9 @@ def cmd_prune(args) -> int:
         print(f"accuracy {k:28s}: {100 * a1:5.1f} % on the exact 1k test images, {100 * a2:5.1f} % on {n_full} JPEG test images")
     print(f"({args.criterion}, one-shot, no fine-tuning; {time.time() - t0:.0f} s)")
     if args.out:
-        torch.save(pruned, args.out)
+        from .io import save
+
+        save(pruned, args.out)
         print(f"saved to {args.out}")
     return 0
 
@@ -110,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N JPEG test images")
     pr.add_argument("--no-bn-recal", dest="bn_recal", action="store_false",
                     help="skip re-estimating BatchNorm statistics on the calibration images after pruning")
-    pr.add_argument("--out", help="save the pruned GraphModule here (torch.save)")
+    pr.add_argument("--out", help="save the pruned GraphModule and its report here (oba_fx.save)")
     pr.set_defaults(fn=cmd_prune)
     return p
 

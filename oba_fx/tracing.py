@@ -134,3 +134,21 @@ def root_cause(e: BaseException) -> BaseException:
     while e.__cause__ is not None:
         e = e.__cause__
     return e
+
+
+def propagate_shapes(gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> None:
+    """``tensor_meta`` on every node: with fake tensors (no real compute) when every op
+    supports them, else with the real inputs. Eval mode, no autograd, no state changes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    with eval_mode(gm):
+        try:
+            mode = FakeTensorMode(allow_non_fake_inputs=True)
+            fake = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs]
+            ShapeProp(gm, fake_mode=mode).propagate(*fake)
+            return
+        except Exception:  # an op without a fake kernel, data-dependent shapes...: run for real
+            for n in gm.graph.nodes:
+                n.meta.pop("tensor_meta", None)
+        ShapeProp(gm).propagate(*inputs)

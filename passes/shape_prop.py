@@ -6,14 +6,14 @@ from typing import Any, Sequence
 
 import torch.fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
-from torch.fx.passes.shape_prop import ShapeProp
 
-from oba_fx.tracing import eval_mode, root_cause
+from oba_fx.tracing import propagate_shapes, root_cause
 
 
 class ShapePropPass(PassBase):
-    """Run ``torch.fx.passes.shape_prop.ShapeProp`` in eval mode without autograd (so that no
-    BatchNorm statistics change); a mismatch becomes a ``ValueError`` naming the node.
+    """Shape propagation (:func:`oba_fx.tracing.propagate_shapes`: fake tensors where possible,
+    eval mode, no autograd, so no BatchNorm statistics change); a mismatch becomes a
+    ``ValueError`` naming the node.
 
     Example:
         >>> import torch
@@ -29,10 +29,8 @@ class ShapePropPass(PassBase):
         self.example_inputs = tuple(example_inputs)
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
-        prop = ShapeProp(gm)
         try:
-            with eval_mode(gm):
-                prop.propagate(*self.example_inputs)
+            propagate_shapes(gm, self.example_inputs)
         except Exception as e:
             shapes = [tuple(x.shape) if hasattr(x, "shape") else type(x).__name__ for x in self.example_inputs]
             cause = root_cause(e)

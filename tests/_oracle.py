@@ -216,13 +216,17 @@ def masked_and_slimmed(model: nn.Module, x: Any, **prune_kwargs) -> dict[str, An
 
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every BatchNorm random affine parameters and running statistics, every GroupNorm
-    random affine parameters and every ``layer_scale`` (ConvNeXt) values near 1, in place.
+    """Make a freshly initialised model a demanding test subject, in place.
 
-    Freshly built torchvision models have BN weight 1, bias 0, mean 0, var 1: in eval mode each
-    BN is then the identity, and a removed channel stays zero after it whether or not the mask is
-    applied after the BN. Random statistics make the shift non-zero, the case that the masked
-    reference exists for."""
+    * every BatchNorm gets random affine parameters and running statistics, every GroupNorm
+      random affine parameters: fresh torchvision BNs (weight 1, bias 0, mean 0, var 1) are the
+      identity in eval mode, so a removed channel would stay zero after them whether or not the
+      mask is applied after the BN; a non-zero shift is the case the masked reference exists for;
+    * every ``layer_scale`` (ConvNeXt, 1e-6 at init) gets values near 1, otherwise every block's
+      contribution, and so every pruned channel, vanishes below the comparison tolerance;
+    * every conv / linear whose weight is all zero (ViT's head) gets random weights, otherwise the
+      output would not depend on anything that was pruned.
+    """
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for mod in model.modules():

@@ -1,0 +1,299 @@
+"""Dense float64 Hessian oracles for the tests (a helper module, not a test file).
+
+Everything is built from plain reverse mode, row by row: ``H[i] = ∇_θ (∇_θ L)_i`` with
+``torch.autograd.grad`` double backward. ``torch.func.hessian`` / ``jacrev(jacrev(·))`` are not
+used: in torch 2.14.1 they return wrong blocks for LayerNorm weights (DESIGN.md §2). One
+finite-difference helper checks the oracle itself.
+
+The functions of a flat parameter vector run the model with ``torch.func.functional_call`` in
+its current train/eval mode, with buffers copied, so the model is never changed.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+
+def default_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, y)
+
+
+@dataclass
+class Flat:
+    """A flat view of some of a model's parameters."""
+
+    model: nn.Module
+    names: list[str]
+    theta: torch.Tensor  # float64-or-model-dtype flat vector, detached
+
+    def unflatten(self, vec: torch.Tensor) -> dict[str, torch.Tensor]:
+        out, i = {}, 0
+        params = dict(self.model.named_parameters())
+        for n in self.names:
+            k = params[n].numel()
+            out[n] = vec[i:i + k].view_as(params[n])
+            i += k
+        return out
+
+    def flatten(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([tensors[n].reshape(-1) for n in self.names])
+
+    def logits(self, vec: torch.Tensor, x: Any) -> torch.Tensor:
+        params = {n: p.detach() for n, p in self.model.named_parameters()}
+        params.update(self.unflatten(vec))
+        bufs = {n: b.detach().clone() for n, b in self.model.named_buffers()}
+        return functional_call(self.model, (params, bufs), (x,))
+
+
+def flat_params(model: nn.Module, names: Sequence[str] | None = None) -> Flat:
+    names = list(names) if names is not None else [n for n, _ in model.named_parameters()]
+    params = dict(model.named_parameters())
+    theta = torch.cat([params[n].detach().reshape(-1) for n in names]).clone()
+    return Flat(model, names, theta)
+
+
+def _rows(out: torch.Tensor, wrt: torch.Tensor) -> torch.Tensor:
+    """Jacobian of the flat ``out`` w.r.t. ``wrt`` (built in the graph), one reverse pass per row."""
+    flat = out.reshape(-1)
+    rows = []
+    for k in range(flat.numel()):
+        (r,) = torch.autograd.grad(flat[k], wrt, retain_graph=True, allow_unused=True)
+        rows.append(torch.zeros_like(wrt) if r is None else r)
+    return torch.stack(rows) if rows else torch.zeros(0, wrt.numel(), dtype=wrt.dtype)
+
+
+def dense_hessian(f: Callable[[torch.Tensor], torch.Tensor], theta: torch.Tensor) -> torch.Tensor:
+    """``∇² f(θ)`` row by row with double backward."""
+    t = theta.detach().clone().requires_grad_()
+    with torch.enable_grad():
+        (g,) = torch.autograd.grad(f(t), t, create_graph=True)
+        return _rows(g, t).detach()
+
+
+def dense_gradient(f: Callable[[torch.Tensor], torch.Tensor], theta: torch.Tensor) -> torch.Tensor:
+    t = theta.detach().clone().requires_grad_()
+    with torch.enable_grad():
+        (g,) = torch.autograd.grad(f(t), t, allow_unused=True)
+    return torch.zeros_like(t) if g is None else g.detach()
+
+
+def dense_jacobian(fn: Callable[[torch.Tensor], torch.Tensor], theta: torch.Tensor) -> torch.Tensor:
+    """``∂ fn(θ) / ∂θ`` as a (numel(out), numel(θ)) matrix, one backward per output entry."""
+    t = theta.detach().clone().requires_grad_()
+    with torch.enable_grad():
+        return _rows(fn(t), t).detach()
+
+
+@dataclass
+class Hessians:
+    """Dense quantities of one batch, all float64 (or the model dtype)."""
+
+    loss: torch.Tensor
+    grad: torch.Tensor
+    H: torch.Tensor
+    H_GN: torch.Tensor
+
+    @property
+    def H_F(self) -> torch.Tensor:
+        return self.H - self.H_GN
+
+
+def batch_hessians(model: nn.Module, x: Any, y: Any, names: Sequence[str] | None = None,
+                   loss_fn: Callable = default_loss) -> tuple[Flat, Hessians]:
+    """Dense ``H``, ``H_GN = Jᵀ ∇²_z ℓ J`` and ``g`` of ``loss_fn(model(x), y)`` w.r.t. ``names``."""
+    fp = flat_params(model, names)
+
+    def loss_of(vec: torch.Tensor) -> torch.Tensor:
+        return loss_fn(fp.logits(vec, x), y)
+
+    H = dense_hessian(loss_of, fp.theta)
+    g = dense_gradient(loss_of, fp.theta)
+    with torch.no_grad():
+        z = fp.logits(fp.theta, x)
+        loss = loss_fn(z, y)
+    J = dense_jacobian(lambda v: fp.logits(v, x), fp.theta)
+    Hz = dense_hessian(lambda zf: loss_fn(zf.view_as(z), y), z.detach().reshape(-1))
+    return fp, Hessians(loss.detach(), g, H, J.T @ Hz @ J)
+
+
+def finite_difference_hvp(f: Callable[[torch.Tensor], torch.Tensor], theta: torch.Tensor, v: torch.Tensor,
+                          eps: float = 1e-5) -> torch.Tensor:
+    """``(∇f(θ + εv) − ∇f(θ − εv)) / 2ε`` (central differences of the exact gradient)."""
+    return (dense_gradient(f, theta + eps * v) - dense_gradient(f, theta - eps * v)) / (2 * eps)
+
+
+def finite_difference_check(f: Callable[[torch.Tensor], torch.Tensor], theta: torch.Tensor, H: torch.Tensor,
+                            n_dirs: int = 3, eps: float = 1e-5, seed: int = 0) -> float:
+    """Largest relative error ``|H v − FD(v)| / |H v|`` over ``n_dirs`` random directions and the
+    basis vectors of the largest diagonal entries (so single blocks are checked too)."""
+    gen = torch.Generator().manual_seed(seed)
+    dirs = [torch.randn(theta.shape, generator=gen, dtype=theta.dtype) for _ in range(n_dirs)]
+    for i in H.diagonal().abs().topk(min(3, theta.numel())).indices.tolist():
+        e = torch.zeros_like(theta)
+        e[i] = 1.0
+        dirs.append(e)
+    worst = 0.0
+    for v in dirs:
+        hv = H @ v
+        fd = finite_difference_hvp(f, theta, v, eps)
+        worst = max(worst, float((hv - fd).norm() / hv.norm().clamp_min(1e-30)))
+    return worst
+
+
+def empirical_fisher_diag(model: nn.Module, x: Any, y: Any, names: Sequence[str] | None = None,
+                          loss_fn: Callable = default_loss) -> torch.Tensor:
+    """Flat ``(1/N) Σ_n g_n²`` with ``g_n = ∇_θ loss_fn(z_n, y_n)``, ``z_n`` row ``n`` of the batch's
+    logits; one backward per sample through a flat parameter vector."""
+    fp = flat_params(model, names)
+    t = fp.theta.clone().requires_grad_()
+    with torch.enable_grad():
+        z = fp.logits(t, x)
+        G = _rows(torch.stack([loss_fn(z[i:i + 1], y[i:i + 1]) for i in range(z.shape[0])]), t)
+    return G.square().mean(0)
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``max|a − b| / max|b|`` (``max|a − b|`` when ``b`` is zero)."""
+    scale = b.abs().max()
+    err = (a - b).abs().max()
+    return float(err / scale) if scale > 0 else float(err)
+
+
+def hadamard(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Sylvester Hadamard matrix of the smallest power-of-two order ``≥ n`` (±1, orthogonal rows)."""
+    m = torch.ones(1, 1, dtype=dtype)
+    while m.shape[0] < n:
+        m = torch.cat([torch.cat([m, m], 1), torch.cat([m, -m], 1)], 0)
+    return m
+
+
+# --------------------------------------------------------------------------------------------
+# tiny float64 models (each exercises one kind of curvature of DESIGN.md §2)
+# --------------------------------------------------------------------------------------------
+
+
+class TanhMLP(nn.Module):
+    """Smooth everywhere: every (a, b) block of H_F, diagonal ones included."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(4, 6), nn.Linear(6, 5), nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))
+
+
+class ResBNCNN(nn.Module):
+    """Conv-BN-ReLU, conv-BN, residual add, ReLU, pooling, classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3)
+        self.conv2, self.bn2 = nn.Conv2d(3, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3)
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn1(self.conv1(x)))
+        h = F.relu(self.bn2(self.conv2(h)) + h)
+        return self.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))
+
+
+class GeluLNBlock(nn.Module):
+    """Linear, GELU, LayerNorm (whose weights torch.func.hessian gets wrong), residual, head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.ln, self.fc2 = nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 3)
+        self.proj = nn.Linear(4, 5, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.ln(F.gelu(self.fc1(x)) + self.proj(x)))
+
+
+class SelfAttention(nn.Module):
+    """Single head: softmax(q kᵀ / √d) v with Linear q, k, v and out, mean over tokens, head."""
+
+    def __init__(self, d: int = 4, classes: int = 3) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.out = (nn.Linear(d, d) for _ in range(4))
+        self.head = nn.Linear(d, classes)
+        self.d = d
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.softmax(self.q(x) @ self.k(x).transpose(-1, -2) / self.d ** 0.5, dim=-1)
+        return self.head((x + self.out(a @ self.v(x))).mean(1))
+
+
+class SEGate(nn.Module):
+    """Squeeze-excitation: h * sigmoid(fc(pool(h))), a bilinear op of two paths from one layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.fc = nn.Linear(3, 3)
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.conv(x))
+        gate = torch.sigmoid(self.fc(F.adaptive_avg_pool2d(h, 1).flatten(1)))
+        h = h * gate[:, :, None, None]
+        return self.head(F.adaptive_avg_pool2d(h, 1).flatten(1))
+
+
+def _randomise_bn(model: nn.Module, gen: torch.Generator) -> None:
+    """Non-trivial BN affine parameters and running statistics (so eval ≠ train mode)."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.copy_(1 + 0.3 * torch.randn(m.weight.shape, generator=gen, dtype=m.weight.dtype))
+                m.bias.copy_(0.3 * torch.randn(m.bias.shape, generator=gen, dtype=m.bias.dtype))
+                m.running_mean.copy_(0.2 * torch.randn(m.running_mean.shape, generator=gen, dtype=torch.float64))
+                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=gen, dtype=torch.float64))
+                m.num_batches_tracked.fill_(7)
+
+
+#: name -> (constructor, input shape without batch, number of classes)
+TOY_MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int]] = {
+    "tanh_mlp": (TanhMLP, (4,), 3),
+    "res_bn_cnn": (ResBNCNN, (2, 4, 4), 3),
+    "gelu_layernorm": (GeluLNBlock, (4,), 3),
+    "self_attention": (SelfAttention, (3, 4), 3),
+    "se_gate": (SEGate, (2, 4, 4), 3),
+}
+
+
+def make_toy(name: str, seed: int = 0, batch: int = 5, n_batches: int = 2) -> tuple[nn.Module, list]:
+    """A float64 toy model (eval mode) and ``n_batches`` random ``(x, y)`` batches."""
+    ctor, shape, classes = TOY_MODELS[name]
+    torch.manual_seed(seed)
+    model = ctor().double().eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    _randomise_bn(model, gen)
+    data = [(torch.randn((batch, *shape), generator=gen, dtype=torch.float64),
+             torch.randint(0, classes, (batch,), generator=gen)) for _ in range(n_batches)]
+    return model, data
+
+
+@functools.lru_cache(maxsize=None)
+def dense_case(name: str, mode: str = "eval", n_batches: int = 2) -> tuple[nn.Module, list, list]:
+    """``(model, batches, [(Flat, Hessians) per batch])`` for a toy model in ``mode`` (cached;
+    callers must not modify the model)."""
+    model, data = make_toy(name, n_batches=n_batches)
+    model.train(mode == "train")
+    with math_attention():
+        dense = [batch_hessians(model, x, y) for x, y in data]
+    return model, data, dense
+
+
+def math_attention():
+    """Scaled-dot-product attention on the math kernel (the fused CPU one has no double backward)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
