@@ -21,7 +21,7 @@ from .tracing import as_tuple
 log = logging.getLogger(__name__)
 
 
-def _target(channel_ratio, target_flops, target_params, max_layer_ratio, round_to) -> Target:
+def _target(channel_ratio, target_flops, target_params, max_layer_ratio, round_to, min_channels=1) -> Target:
     given = {k: v for k, v in (("channels", channel_ratio), ("flops", target_flops), ("params", target_params))
              if v is not None}
     if len(given) != 1:
@@ -29,7 +29,7 @@ def _target(channel_ratio, target_flops, target_params, max_layer_ratio, round_t
             "give exactly one target: channel_ratio=<fraction of channels removed>, target_flops=<retained "
             f"FLOPs fraction> or target_params=<retained parameter fraction>; got {sorted(given) or 'none'}")
     (kind, value), = given.items()
-    return Target(kind, float(value), max_layer_ratio, round_to)
+    return Target(kind, float(value), max_layer_ratio, round_to, min_channels)
 
 
 def _module_names(model: nn.Module, ignore: Iterable[Any]) -> list[str]:
@@ -56,9 +56,10 @@ def prune_graph(model: nn.Module, example_inputs: Any, *, criterion: str = "l1",
                 channel_ratio: float | None = None, target_flops: float | None = None,
                 target_params: float | None = None, ignore: Iterable[Any] = (), round_to: int = 1,
                 data: Iterable | None = None, loss_fn: Callable | None = None, hessian: str = "functional",
-                max_batches: int | None = None, max_layer_ratio: float = 0.95,
-                leaf_modules: Iterable[type | str] = (), concrete_args: dict | None = None,
-                verify: bool = True, rtol: float = 1e-4, seed: int = 0) -> torch.fx.GraphModule:
+                max_batches: int | None = None, max_layer_ratio: float = 0.95, min_channels: int = 1,
+                steps: int = 1, bn_recalibration: bool = True, leaf_modules: Iterable[type | str] = (),
+                concrete_args: dict | None = None, verify: bool = True, rtol: float = 1e-4, seed: int = 0,
+                verbose: bool = True) -> torch.fx.GraphModule:
     """Prune ``model`` to a target and return a physically slimmed ``torch.fx.GraphModule``.
 
     The model is traced (a deep copy: ``model`` is never modified), every channel dimension is
@@ -81,12 +82,18 @@ def prune_graph(model: nn.Module, example_inputs: Any, *, criterion: str = "l1",
         hessian: ``"functional"`` or ``"full"`` (for ``criterion="oba"``).
         max_batches: use at most this many calibration batches.
         max_layer_ratio: the most any layer may lose (default 0.95).
+        min_channels: every layer keeps at least this many channels.
+        steps: prune in this many rescored steps with the paper's exponential schedule,
+            stopping as soon as the target is met (1: one-shot).
+        bn_recalibration: after pruning, re-estimate BatchNorm running statistics on the
+            inputs of ``data`` (no labels used; skipped without ``data``).
         leaf_modules: module classes or names to keep as opaque calls when tracing (their
             channels are then not pruned).
         concrete_args: passed to ``torch.fx`` tracing for arguments that drive control flow.
         verify: compare the result with the masked original on ``example_inputs``.
         rtol: tolerance of that comparison, relative to the largest output magnitude.
         seed: seed of the ``"random"`` criterion.
+        verbose: progress bars over steps and calibration batches.
 
     Returns:
         The slimmed GraphModule; ``compiled.meta["oba"]`` is the report (FLOPs and parameters
@@ -100,20 +107,34 @@ def prune_graph(model: nn.Module, example_inputs: Any, *, criterion: str = "l1",
         >>> out.get_submodule("0").out_channels, out.meta["oba"]["flops_after"] < out.meta["oba"]["flops_before"]
         (8, True)
     """
-    from .passes.pipeline import analyze_model, prune
+    from .bn import recalibrate_bn
+    from .passes.pipeline import run
 
     if criterion not in CRITERIA:
         raise ValueError(f"unknown criterion {criterion!r}; expected one of {', '.join(CRITERIA)}")
-    target = _target(channel_ratio, target_flops, target_params, max_layer_ratio, round_to)
+    target = _target(channel_ratio, target_flops, target_params, max_layer_ratio, round_to, min_channels)
+    if int(steps) != steps or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps}")
     inputs = as_tuple(example_inputs)
     frozen = _module_names(model, ignore)
-    gm = analyze_model(model, inputs, leaf_modules=leaf_modules, concrete_args=concrete_args, frozen_modules=frozen)
     kw: dict[str, Any] = {"seed": seed}
     if criterion not in ("l1", "l2", "random"):
-        kw.update(hessian=hessian, loss_fn=loss_fn, max_batches=max_batches)
-    scores = param_scores(gm, criterion, data, **kw)
-    out = prune(gm, inputs, scores, target, verify=verify, rtol=rtol)
+        kw.update(hessian=hessian, loss_fn=loss_fn, max_batches=max_batches, progress=verbose)
+    if criterion not in ("l1", "l2", "random") and data is None:
+        param_scores(model, criterion, None)  # raises the "needs data" error before any work
+
+    def score_fn(gm: torch.fx.GraphModule):
+        return param_scores(gm, criterion, data, **kw)
+
+    out = run(model, inputs, score_fn, target, steps=int(steps), verify=verify, rtol=rtol, progress=verbose,
+              analysis={"leaf_modules": leaf_modules, "concrete_args": concrete_args, "frozen_modules": frozen})
     out.meta["oba"]["criterion"] = criterion
+    out.meta["oba"]["bn_recalibrated"] = False
+    if bn_recalibration and data is not None and any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in out.modules()):
+        recalibrate_bn(out, data, max_batches)
+        out.meta["oba"]["bn_recalibrated"] = True
+    out.train(model.training)
     return out
 
 

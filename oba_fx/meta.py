@@ -34,6 +34,8 @@ SELECTION = "oba.selection"
 HESSIAN_STRUCTURE = "oba.hessian_structure"
 #: gm.meta: the fused HVP program, see ``passes/hvp_codegen.py``
 HVP_PROGRAM = "oba.hvp_program"
+#: gm.meta on a slimmed graph: the relative error of the slimmed == masked check
+VERIFIED = "oba.verified"
 #: gm.meta on the returned model: the report dict (flops, params, kept indices, ...)
 REPORT = "oba"
 
@@ -45,6 +47,7 @@ PRODUCERS = {
     SELECTION: "oba_fx.passes.select.SelectPass",
     HESSIAN_STRUCTURE: "oba_fx.passes.hessian_structure.HessianStructurePass",
     HVP_PROGRAM: "oba_fx.passes.hvp_codegen.HVPCodegen",
+    VERIFIED: "oba_fx.passes.verify.VerifyPass",
 }
 
 

@@ -82,11 +82,13 @@ def unit_space_counts(c: Coupling) -> list[list[tuple[int, int]]]:
 
 
 def order_with_caps(scores: np.ndarray, unit_spaces: list[list[tuple[int, int]]],
-                    space_sizes: np.ndarray, cap: np.ndarray) -> np.ndarray:
+                    space_sizes: np.ndarray, cap: np.ndarray, min_keep: int = 1) -> np.ndarray:
     """Units in the order they may be removed: ascending score, skipping a unit whose removal
-    would take some space beyond its cap (``cap[space]``, a fraction) or to zero indices."""
+    would take some space beyond its cap (``cap[space]``, a fraction) or below ``min_keep``
+    indices."""
     removed_count = np.zeros(len(space_sizes), dtype=np.int64)
-    limit = np.minimum(np.floor(cap * space_sizes), space_sizes - 1).astype(np.int64)
+    keep = np.minimum(space_sizes, max(min_keep, 1))
+    limit = np.minimum(np.floor(cap * space_sizes), space_sizes - keep).astype(np.int64)
     out = []
     cand = np.nonzero(~np.isnan(scores))[0]
     for u in cand[np.argsort(scores[cand], kind="stable")]:
@@ -153,12 +155,14 @@ class Target:
         value: the fraction.
         max_layer_ratio: the most any one layer (any space) may lose, a fraction in (0, 1).
         round_to: kept units per coupling group rounded to a multiple of this.
+        min_channels: every layer (every space) keeps at least this many indices.
     """
 
     kind: str
     value: float
     max_layer_ratio: float = 0.95
     round_to: int = 1
+    min_channels: int = 1
 
     def __post_init__(self) -> None:
         if self.kind not in ("flops", "params", "channels"):
@@ -188,13 +192,26 @@ def count_params(gm: torch.nn.Module, c: Coupling, removed: np.ndarray | None = 
     return total
 
 
-def select(gm: torch.fx.GraphModule, c: Coupling, scores: Mapping[str, torch.Tensor], target: Target) -> Selection:
-    """Choose the units to remove (lowest normalised score first) to meet ``target``."""
+def select(gm: torch.fx.GraphModule, c: Coupling, scores: Mapping[str, torch.Tensor], target: Target,
+           max_units: int | None = None, absolute: float | None = None) -> Selection:
+    """Choose the units to remove (lowest normalised score first) to meet ``target``.
+
+    Args:
+        max_units: remove at most this many units (one step of an iterative schedule); the
+            target is then met if it can be, and otherwise all ``max_units`` go, without error.
+        absolute: the FLOPs / parameter budget as an absolute number instead of
+            ``target.value`` times the current count (iterative schedules measure against the
+            original model).
+    """
     from .ops import count_flops, new_shape
 
     us = unit_scores(c, scores)
     sizes = np.array([s.size for s in c.spaces], dtype=np.int64)
-    order = order_with_caps(us, unit_space_counts(c), sizes, np.full(len(sizes), target.max_layer_ratio))
+    order = order_with_caps(us, unit_space_counts(c), sizes, np.full(len(sizes), target.max_layer_ratio),
+                            target.min_channels)
+    partial = max_units is not None
+    if partial:
+        order = order[:max_units]
 
     def flops(removed: np.ndarray) -> int:
         return count_flops(gm, lambda n: new_shape(n, c, removed))
@@ -204,17 +221,22 @@ def select(gm: torch.fx.GraphModule, c: Coupling, scores: Mapping[str, torch.Ten
 
     n = c.n_units
     if target.kind == "channels":
-        k = int(round(target.value * int(c.prunable.sum())))
+        k = int(round(target.value * int(c.prunable.sum()))) if max_units is None else len(order)
         if k > len(order):
             raise ValueError(
                 f"channel_ratio={target.value} asks for {k} channels but only {len(order)} can go under "
-                f"max_layer_ratio={target.max_layer_ratio}; lower the ratio or raise max_layer_ratio")
+                f"max_layer_ratio={target.max_layer_ratio} and min_channels={target.min_channels}; lower the ratio, "
+                "raise max_layer_ratio or lower min_channels")
         removed = finalize(np.isin(np.arange(n), order[:k]))
-    elif target.kind == "flops":
-        removed = choose(order, n, flops, target.value * flops(np.zeros(n, bool)), finalize)
     else:
-        removed = choose(order, n, lambda r: count_params(gm, c, r),
-                         target.value * count_params(gm, c), finalize)
+        measure = flops if target.kind == "flops" else (lambda r: count_params(gm, c, r))
+        budget = absolute if absolute is not None else target.value * measure(np.zeros(n, bool))
+        try:
+            removed = choose(order, n, measure, budget, finalize)
+        except ValueError:
+            if not partial:
+                raise
+            removed = finalize(np.isin(np.arange(n), order))
     removed.setflags(write=False)
     log.info("selected %d of %d prunable units", int(removed.sum()), int(c.prunable.sum()))
     return Selection(removed, us, flops(removed), count_params(gm, c, removed))

@@ -15,15 +15,17 @@ Example:
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.fx
+from tqdm.auto import tqdm
 
 from oba_fx import meta as M
 from oba_fx.masking import masked_reference
 from oba_fx.ops import count_flops
+from oba_fx.schedule import channel_ceiling, exponential_schedule, units_this_step
 from oba_fx.select import Target
 from oba_fx.tracing import check_inputs, trace
 
@@ -50,17 +52,15 @@ def analyze_model(model: torch.nn.Module, example_inputs: Sequence[Any], *, leaf
 
 
 def prune(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], scores: Mapping[str, torch.Tensor],
-          target: Target, *, verify: bool = True, rtol: float = 1e-4) -> torch.fx.GraphModule:
+          target: Target, *, verify: bool = True, rtol: float = 1e-4, max_units: int | None = None,
+          absolute: float | None = None) -> torch.fx.GraphModule:
     """Select, slim and verify an analysed graph; returns the slimmed GraphModule with its report."""
-    SelectPass(scores, target)(gm)
+    SelectPass(scores, target, max_units, absolute)(gm)
     sel, c = gm.meta[M.SELECTION], gm.meta[M.COUPLING]
     out = SlimPass(example_inputs)(gm).graph_module
-    err = None
     if verify:
-        ref = masked_reference(gm, c, sel.removed)
-        VerifyPass(ref, example_inputs, rtol)(out)
-        from oba_fx.verify import compare
-        err = compare(out, ref, example_inputs, rtol)
+        VerifyPass(masked_reference(gm, c, sel.removed), example_inputs, rtol)(out)
+    err = out.meta.get(M.VERIFIED)
     out.meta.clear()
     for n in out.graph.nodes:
         n.meta.pop(M.SPACES, None)
@@ -80,7 +80,7 @@ def report(gm, out, c, sel, target: Target, err: float | None) -> dict:
             kept.setdefault(name, {})[dim] = k.tolist()
     return {
         "target": {"kind": target.kind, "value": target.value, "max_layer_ratio": target.max_layer_ratio,
-                   "round_to": target.round_to},
+                   "round_to": target.round_to, "min_channels": target.min_channels},
         "flops_before": count_flops(gm),
         "flops_after": count_flops(out),
         "params_before": sum(p.numel() for p in gm.parameters()),
@@ -91,4 +91,65 @@ def report(gm, out, c, sel, target: Target, err: float | None) -> dict:
         "kept": kept,
         "barriers": [{"node": b.node, "op": b.op, "target": b.target, "reason": b.reason} for b in c.barriers],
         "max_rel_error": err,
+        "steps": 1,
     }
+
+
+def compose_kept(first: dict, second: dict) -> dict:
+    """Kept indices of two successive prunings, in the numbering of the first one's input.
+
+    Example:
+        >>> compose_kept({"w": {0: [0, 2, 3]}}, {"w": {0: [1, 2]}, "v": {1: [0]}})
+        {'w': {0: [2, 3]}, 'v': {1: [0]}}
+    """
+    out = {name: dict(dims) for name, dims in first.items()}
+    for name, dims in second.items():
+        for dim, idx in dims.items():
+            prev = out.get(name, {}).get(dim)
+            out.setdefault(name, {})[dim] = [prev[i] for i in idx] if prev is not None else list(idx)
+    return out
+
+
+def run(model: torch.nn.Module, example_inputs: Sequence[Any], score_fn: Callable[[torch.nn.Module], Mapping],
+        target: Target, *, steps: int = 1, verify: bool = True, rtol: float = 1e-4, progress: bool = True,
+        analysis: dict | None = None) -> torch.fx.GraphModule:
+    """Prune ``model`` to ``target`` in ``steps`` rescored steps (DESIGN.md §2 schedule).
+
+    Each step analyses the current network, scores it with ``score_fn(graph_module)``, removes
+    the units the exponential schedule allows (stopping as soon as the FLOPs / parameter target
+    is met), slims and verifies. One step is one-shot pruning.
+    """
+    analysis = analysis or {}
+    gm = analyze_model(model, example_inputs, **analysis)
+    if steps == 1:
+        return prune(gm, example_inputs, score_fn(gm), target, verify=verify, rtol=rtol)
+    measure0 = count_flops(gm) if target.kind == "flops" else sum(p.numel() for p in gm.parameters())
+    budget = None if target.kind == "channels" else target.value * measure0
+    p = target.value if target.kind == "channels" else channel_ceiling(target.value)
+    n0 = int(gm.meta[M.COUPLING].prunable.sum())
+    first: dict | None = None
+    kept: dict = {}
+    removed = 0
+    out = gm
+    bar = tqdm(exponential_schedule(p, steps), desc="pruning steps", disable=not progress, leave=False)
+    for t, p_t in enumerate(bar, 1):
+        if t > 1:
+            gm = analyze_model(out, example_inputs, leaf_modules=analysis.get("leaf_modules", ()))
+        k = units_this_step(p_t, n0, removed)
+        last = t == steps
+        out = prune(gm, example_inputs, score_fn(gm), target, verify=verify, rtol=rtol,
+                    max_units=None if (last and budget is not None) else k, absolute=budget)
+        r = out.meta[M.REPORT]
+        first = first or r
+        kept = compose_kept(kept, r["kept"])
+        removed += r["units_removed"]
+        now = r["flops_after"] if target.kind == "flops" else r["params_after"]
+        log.info("step %d/%d: removed %d units (%d in all), %s %d", t, steps, r["units_removed"], removed,
+                 target.kind, now)
+        if budget is not None and now <= budget:
+            break
+    r = dict(out.meta[M.REPORT])
+    r.update(flops_before=first["flops_before"], params_before=first["params_before"], kept=kept,
+             units_prunable=first["units_prunable"], units_removed=removed, steps=t)
+    out.meta[M.REPORT] = r
+    return out

@@ -8,17 +8,19 @@ import torch
 import torch.fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from oba_fx import meta as M
 from oba_fx.verify import compare
 
 
 class VerifyPass(PassBase):
     """Raise :class:`oba_fx.errors.VerificationError` if ``gm`` differs from ``reference``
-    on ``example_inputs`` by more than ``rtol`` (relative to the reference's largest value)."""
+    on ``example_inputs`` by more than ``rtol`` (relative to the reference's largest value);
+    else record the relative error in ``gm.meta["oba.verified"]``."""
 
     def __init__(self, reference: torch.nn.Module, example_inputs: Sequence[Any], rtol: float = 1e-4) -> None:
         super().__init__()
         self.reference, self.example_inputs, self.rtol = reference, tuple(example_inputs), rtol
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
-        compare(gm, self.reference, self.example_inputs, self.rtol)
+        gm.meta[M.VERIFIED] = compare(gm, self.reference, self.example_inputs, self.rtol)
         return PassResult(gm, False)

@@ -1,0 +1,114 @@
+"""The pruning driver: schedule arithmetic, stopping rule, caps, ignore, round_to,
+min_channels and BatchNorm recalibration."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import oba_fx
+from oba_fx.passes.pipeline import compose_kept
+from oba_fx.schedule import channel_ceiling, exponential_schedule, units_this_step
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4)).eval()
+
+
+def _cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                         nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 5)).eval()
+
+
+def test_exponential_schedule_matches_the_paper_formula():
+    sched = exponential_schedule(0.55, 50)
+    assert sched[-1] == pytest.approx(0.55) and sched[0] == pytest.approx(1 - 0.45 ** (1 / 50))
+    assert all(a < b for a, b in zip(sched, sched[1:]))
+
+
+def test_channel_ceiling_is_one_minus_point_nine_r():
+    assert channel_ceiling(0.5) == pytest.approx(0.55) and channel_ceiling(0.7) == pytest.approx(0.37)
+
+
+def test_units_this_step_never_negative():
+    assert units_this_step(0.1, 100, 30) == 0 and units_this_step(0.4, 100, 30) == 10
+
+
+def test_schedule_rejects_bad_steps():
+    with pytest.raises(ValueError, match="steps"):
+        oba_fx.prune_graph(_mlp(), torch.randn(2, 8), channel_ratio=0.5, steps=0)
+
+
+def test_channel_target_in_steps_removes_the_scheduled_total():
+    out = oba_fx.prune_graph(_mlp(), torch.randn(2, 8), channel_ratio=0.5, steps=3, verbose=False)
+    r = out.meta["oba"]
+    assert r["steps"] == 3 and r["units_removed"] == round(0.5 * 128)
+
+
+def test_flops_target_stops_as_soon_as_it_is_met():
+    out = oba_fx.prune_graph(_mlp(), torch.randn(2, 8), target_flops=0.8, steps=10, verbose=False)
+    r = out.meta["oba"]
+    assert r["flops_after"] <= 0.8 * r["flops_before"]
+    assert r["steps"] < 10  # a 20 % cut is reached long before the 55 % channel ceiling
+
+
+def test_kept_indices_of_several_steps_are_in_the_original_numbering():
+    m = _mlp()
+    out = oba_fx.prune_graph(m, torch.randn(2, 8), channel_ratio=0.5, steps=3, verbose=False)
+    kept = out.meta["oba"]["kept"]["2.weight"]
+    w = m[2].weight.index_select(0, torch.tensor(kept[0])).index_select(1, torch.tensor(kept[1]))
+    assert torch.equal(w, out.get_submodule("2").weight)
+
+
+def test_compose_kept_maps_through_the_first_numbering():
+    assert compose_kept({"w": {0: [1, 3, 5]}}, {"w": {0: [0, 2]}}) == {"w": {0: [1, 5]}}
+
+
+def test_max_layer_ratio_caps_every_layer():
+    out = oba_fx.prune_graph(_mlp(), torch.randn(2, 8), channel_ratio=0.45, max_layer_ratio=0.5)
+    assert min(out.get_submodule("0").out_features, out.get_submodule("2").out_features) >= 32
+
+
+def test_unreachable_target_says_so():
+    with pytest.raises(ValueError, match="unreachable"):
+        oba_fx.prune_graph(_mlp(), torch.randn(2, 8), target_flops=0.05, max_layer_ratio=0.5)
+
+
+def test_ignored_module_keeps_its_outputs():
+    out = oba_fx.prune_graph(_mlp(), torch.randn(2, 8), channel_ratio=0.4, ignore=["0"])
+    assert out.get_submodule("0").out_features == 64 and out.get_submodule("2").out_features < 64
+
+
+def test_round_to_keeps_multiples():
+    out = oba_fx.prune_graph(_mlp(), torch.randn(2, 8), channel_ratio=0.3, round_to=8)
+    assert out.get_submodule("0").out_features % 8 == 0 and out.get_submodule("2").out_features % 8 == 0
+
+
+def test_min_channels_limits_what_a_channel_ratio_can_take():
+    with pytest.raises(ValueError, match="min_channels"):
+        oba_fx.prune_graph(_mlp(), torch.randn(2, 8), channel_ratio=0.9, max_layer_ratio=0.99, min_channels=10)
+
+
+def test_min_channels_is_honoured():
+    out = oba_fx.prune_graph(_mlp(), torch.randn(2, 8), channel_ratio=0.8, max_layer_ratio=0.99,
+                             min_channels=10)
+    assert min(out.get_submodule("0").out_features, out.get_submodule("2").out_features) >= 10
+
+
+def test_bn_recalibration_uses_the_calibration_inputs():
+    x = torch.randn(16, 3, 8, 8) * 3 + 2
+    data = [(x, torch.zeros(16, dtype=torch.long))]
+    plain = oba_fx.prune_graph(_cnn(), x[:2], channel_ratio=0.25, data=data, bn_recalibration=False)
+    recal = oba_fx.prune_graph(_cnn(), x[:2], channel_ratio=0.25, data=data)
+    assert recal.meta["oba"]["bn_recalibrated"] and not plain.meta["oba"]["bn_recalibrated"]
+    kept = recal.meta["oba"]["kept"]["0.weight"][0]
+    mean = _cnn()[0](x).mean(dim=(0, 2, 3))[kept]
+    assert torch.allclose(recal.get_submodule("1").running_mean, mean, atol=1e-5)
+    assert not torch.allclose(plain.get_submodule("1").running_mean, mean, atol=1e-2)
+
+
+def test_result_keeps_the_models_train_mode():
+    m = _mlp().train()
+    assert oba_fx.prune_graph(m, torch.randn(2, 8), channel_ratio=0.2).training
