@@ -61,6 +61,8 @@ def cmd_prune(args) -> int:
     from .data import cifar10_loader, data_dir, evaluate
     from .models import get_model
 
+    if not 0.0 < args.target_flops <= 1.0:
+        raise ValueError(f"--target-flops is the retained FLOPs fraction and must be in (0, 1], got {args.target_flops}")
     data = data_dir(args.data)
     weights = _weights_path(args, data)
     model = get_model(args.model, weights=str(weights) if weights else None).eval()
@@ -73,7 +75,8 @@ def cmd_prune(args) -> int:
     x = next(iter(exact))[0][:1]
     t0 = time.time()
     acc = {"before": (evaluate(model, exact), evaluate(model, full))}
-    kwargs = dict(criterion=args.criterion, target_flops=args.target_flops)
+    kwargs = dict(criterion=args.criterion, target_flops=args.target_flops, steps=args.steps, bn_recalibration=False,
+                  verbose=not args.quiet)
     if args.criterion not in ("l1", "l2", "random"):
         kwargs.update(data=calib, max_batches=args.calib_batches)
     pruned = prune_graph(model, x, **kwargs)
@@ -81,6 +84,14 @@ def cmd_prune(args) -> int:
     if args.bn_recal:
         recalibrate_bn(pruned, calib)
         acc["after + BN recalibration"] = (evaluate(pruned, exact), evaluate(pruned, full))
+    if args.finetune_epochs > 0:
+        from .finetune import finetune
+
+        train = cifar10_loader(data, "train", batch_size=args.batch_size, shuffle=True, augment=True, seed=0,
+                               limit=args.train_limit)
+        finetune(pruned, train, epochs=args.finetune_epochs, lr=args.lr, progress=not args.quiet,
+                 checkpoint_dir=(args.out + ".ckpt") if args.out else None)
+        acc[f"after {args.finetune_epochs} fine-tuning epoch(s)"] = (evaluate(pruned, exact), evaluate(pruned, full))
     r = pruned.meta["oba"]
     print(layer_table(r, model, pruned))
     print(f"\nFLOPs {r['flops_before']:,} -> {r['flops_after']:,} ({r['flops_after'] / r['flops_before']:.3f}); "
@@ -97,6 +108,34 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def cmd_explain(args) -> int:
+    from . import explain
+    from .models import get_model
+
+    model = get_model(args.model, weights=args.weights).eval()
+    size = args.input_size
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    G = explain(model, torch.randn(1, 3, size, size), path=out / f"coupling.{args.format}",
+                hessian_path=out / f"hessian.{args.format}")
+    (out / "coupling.json").write_text(__import__("json").dumps(G.graph.get("barriers", []), indent=1))
+    print(f"wrote {out}/coupling.{args.format} and {out}/hessian.{args.format} ({G.number_of_nodes()} nodes)")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .data import cifar10_loader, data_dir, evaluate
+    from .io import load
+    from .models import get_model
+
+    data = data_dir(args.data)
+    model = load(args.model) if Path(args.model).is_file() else get_model(args.model, weights=args.weights)
+    for split in ("test_lossless1k", "test"):
+        acc = evaluate(model, cifar10_loader(data, split, batch_size=500, limit=args.test_limit))
+        print(f"{split:16s} top-1 {100 * acc:5.1f} %")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="oba-fx", description="Second-order structured pruning as torch.fx passes")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -110,10 +149,28 @@ def build_parser() -> argparse.ArgumentParser:
                     help="calibration batches (scores of data-driven criteria, BN recalibration)")
     pr.add_argument("--batch-size", type=int, default=64)
     pr.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N JPEG test images")
+    pr.add_argument("--steps", type=int, default=1, help="rescored pruning steps (exponential schedule)")
+    pr.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune this many epochs after pruning")
+    pr.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate (paper: 1e-3)")
+    pr.add_argument("--train-limit", type=int, default=None, help="fine-tune on the first N training images")
+    pr.add_argument("--quiet", action="store_true", help="no progress bars")
     pr.add_argument("--no-bn-recal", dest="bn_recal", action="store_false",
                     help="skip re-estimating BatchNorm statistics on the calibration images after pruning")
     pr.add_argument("--out", help="save the pruned GraphModule and its report here (oba_fx.save)")
     pr.set_defaults(fn=cmd_prune)
+    ex = sub.add_parser("explain", help="write the coupling and Hessian-block graphs of a model")
+    ex.add_argument("--model", default="resnet56")
+    ex.add_argument("--weights")
+    ex.add_argument("--input-size", type=int, default=32)
+    ex.add_argument("--format", default="svg", choices=["svg", "png", "dot", "graphml", "json"])
+    ex.add_argument("--out", default="explain_out")
+    ex.set_defaults(fn=cmd_explain)
+    ev = sub.add_parser("eval", help="top-1 accuracy of a model name (with --weights) or a saved pruned model")
+    ev.add_argument("--model", default="resnet56", help="model name or a file written by oba-fx prune --out")
+    ev.add_argument("--weights")
+    ev.add_argument("--data")
+    ev.add_argument("--test-limit", type=int, default=None)
+    ev.set_defaults(fn=cmd_eval)
     return p
 
 
@@ -123,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError, OSError, KeyError) as e:
         print(f"oba-fx: error: {e}", file=sys.stderr)
         return 2
 
