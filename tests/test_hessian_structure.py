@@ -1,0 +1,76 @@
+"""The Hessian block structure claimed from the graph against the dense float64 H_F.
+
+Every block the analysis declares zero must be exactly zero (round-off only) in the dense
+functional Hessian; every block it declares possibly non-zero must be non-zero for these
+generic random weights (degenerate cases such as a batch on which a ReLU is dead everywhere
+do not occur with these seeds; a failure there would show up as a "declared non-zero" miss).
+"""
+
+import itertools
+
+import pytest
+import torch
+
+import oba_fx
+from hessian_oracle import dense_case, math_attention
+
+CASES = [("tanh_mlp", "eval"), ("res_bn_cnn", "eval"), ("res_bn_cnn", "train"), ("gelu_layernorm", "eval"),
+         ("self_attention", "eval"), ("se_gate", "eval")]
+
+
+def _blocks(name, mode):
+    """Layer names and the max |entry| of each (a, b) block of H_F, summed over the batches."""
+    model, data, dense = dense_case(name, mode)
+    fp = dense[0][0]
+    layer_of = [n.rpartition(".")[0] for n in fp.names]
+    sizes = [dict(model.named_parameters())[n].numel() for n in fp.names]
+    idx, start = {}, 0
+    for lay, n in zip(layer_of, sizes):
+        idx.setdefault(lay, []).extend(range(start, start + n))
+        start += n
+    HF = sum(h.H_F.abs() for _, h in dense)
+    norms = {(a, b): float(HF[idx[a]][:, idx[b]].max()) for a in idx for b in idx}
+    return model, data, list(idx), norms, float(HF.max())
+
+
+def _structure(model, data, mode):
+    model.train(mode == "train")
+    with math_attention():
+        return oba_fx.hessian_structure(model, data[0][0])
+
+
+@pytest.mark.parametrize("name,mode", CASES)
+def test_blocks_declared_zero_are_exactly_zero(name, mode):
+    model, data, layers, norms, scale = _blocks(name, mode)
+    G = _structure(model, data, mode)
+    for a, b in itertools.combinations_with_replacement(layers, 2):
+        if not G.has_edge(a, b):
+            assert norms[a, b] <= 1e-12 * scale, f"block ({a}, {b}) declared zero is {norms[a, b]:.3g}"
+
+
+@pytest.mark.parametrize("name,mode", CASES)
+def test_blocks_declared_nonzero_are_nonzero(name, mode):
+    model, data, layers, norms, scale = _blocks(name, mode)
+    G = _structure(model, data, mode)
+    for a, b in G.edges:
+        assert norms[a, b] > 1e-8 * scale, f"block ({a}, {b}) declared {G.edges[a, b]['kind']} is zero"
+
+
+def test_relu_residual_cnn_has_no_self_blocks_and_all_series_blocks():
+    model, data, layers, _, _ = _blocks("res_bn_cnn", "eval")
+    G = _structure(model, data, "eval")
+    assert not any(a == b for a, b in G.edges)
+    assert G.edges["conv1", "fc"]["kind"] == "series" and G.has_edge("conv1", "conv2")
+
+
+def test_tanh_mlp_has_self_blocks():
+    model, data, layers, _, _ = _blocks("tanh_mlp", "eval")
+    G = _structure(model, data, "eval")
+    assert G.has_edge("fc1", "fc1") and G.has_edge("fc2", "fc2")
+
+
+def test_attention_has_parallel_qk_and_qkv_blocks():
+    model, data, _, _, _ = _blocks("self_attention", "eval")
+    G = _structure(model, data, "eval")
+    assert G.edges["q", "k"]["kind"] == "parallel" and G.has_edge("q", "v") and G.has_edge("k", "v")
+    assert not G.has_edge("v", "v")  # v reaches only one operand of A @ v and no smooth op
