@@ -963,23 +963,26 @@ def _couple_cat(ctx: Ctx) -> None:
                 ctx.b.union(s, o, None, rng)
             off += n
         spaces.append(o)
-    # every other dim: all inputs tied index by index
-    for od in range(nd):
-        if od == d:
-            continue
-        tied = [_ts(t).at(od) for t in tensors]
-        if all(s is None for s in tied):
-            continue
-        if any(s is None for s in tied) and ctx.out_shape[od] > 1:
-            for s in tied:
-                ctx.b.pin(s)
-            continue
-        o = ctx.new(od)
-        for s in tied:
-            if s is not None:
-                ctx.b.union(s, o)
-        spaces.append(o)
+    for od in range(nd):  # every other dim: all inputs tied index by index
+        if od != d:
+            spaces.extend(_tie_inputs(ctx, tensors, od, od))
     ctx.set(TensorSpaces(tuple(spaces)))
+
+
+def _tie_inputs(ctx: Ctx, tensors: list, in_dim: int, out_dim: int) -> list[Space]:
+    """Tie dim ``in_dim`` of every input to ``out_dim`` of the output (inputs of one shape)."""
+    tied = [_ts(t).at(in_dim) for t in tensors]
+    if all(s is None for s in tied):
+        return []
+    if any(s is None for s in tied) and ctx.out_shape[out_dim] > 1:
+        for s in tied:
+            ctx.b.pin(s)
+        return []
+    o = ctx.new(out_dim)
+    for s in tied:
+        if s is not None:
+            ctx.b.union(s, o)
+    return [o]
 
 
 CAT = _register(OpRule("cat", _couple_cat), functions=(torch.cat, torch.concat, torch.concatenate))
@@ -989,21 +992,7 @@ def _couple_stack(ctx: Ctx) -> None:
     tensors = list(ctx.arg(0, "tensors"))
     nd = len(ctx.out_shape)
     d = ctx.arg(1, "dim", 0) % nd
-    spaces = []
-    for idim in range(nd - 1):
-        od = idim if idim < d else idim + 1
-        tied = [_ts(t).at(idim) for t in tensors]
-        if all(s is None for s in tied):
-            continue
-        if any(s is None for s in tied) and ctx.out_shape[od] > 1:
-            for s in tied:
-                ctx.b.pin(s)
-            continue
-        o = ctx.new(od)
-        for s in tied:
-            if s is not None:
-                ctx.b.union(s, o)
-        spaces.append(o)
+    spaces = [o for idim in range(nd - 1) for o in _tie_inputs(ctx, tensors, idim, idim if idim < d else idim + 1)]
     ctx.set(TensorSpaces(tuple(spaces)))
 
 

@@ -117,6 +117,83 @@ def test_report_flops_equal_fvcore_before_and_after(name):
     assert rep["flops_after"] < rep["flops_before"]
 
 
+def tiny_swin() -> nn.Module:
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    return SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=[4, 4],
+                           num_classes=10)
+
+
+def test_report_flops_equal_fvcore_for_swin_window_attention():
+    """torchvision's ``shifted_window_attention`` is one opaque call (a barrier): its qkv and
+    output projections and its two attention matmuls, over the tokens padded to whole windows,
+    must still be counted. A 24x24 input gives 6x6 then 3x3 token maps: both padded (to 8x8 and
+    4x4), the first also shifted."""
+    torch.manual_seed(0)
+    model = tiny_swin().eval()
+    x = torch.randn(2, 3, 24, 24)
+    out = oba_fx.prune_graph(model, x, criterion="l1", channel_ratio=0.3)
+    rep = out.meta["oba"]
+    assert rep["flops_before"] == _fvcore_total(model, x)
+    assert rep["flops_after"] == _fvcore_total(out, x)
+    assert rep["flops_after"] < rep["flops_before"]
+
+
+def test_report_flops_count_attention_matmuls_that_fvcore_skips():
+    """Documented convention difference: ``nn.MultiheadAttention`` computes its scores with
+    ``F.scaled_dot_product_attention``, which fvcore does not count (it lists
+    ``aten::scaled_dot_product_attention`` as unsupported). We count its two matmuls, ``q kᵀ`` and
+    ``attn · v``, at ``B * S * S * E`` each, like any other matmul; everything else agrees."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    layers, hidden, batch = 2, 32, 2
+    model = VisionTransformer(image_size=32, patch_size=16, num_layers=layers, num_heads=2, hidden_dim=hidden,
+                              mlp_dim=64, num_classes=10).eval()
+    x = torch.randn(batch, 3, 32, 32)
+    seq = (32 // 16) ** 2 + 1  # patches + class token
+    sdpa = layers * 2 * batch * seq * seq * hidden
+    out = oba_fx.prune_graph(model, x, criterion="l1", channel_ratio=0.3)
+    rep = out.meta["oba"]
+    assert rep["flops_before"] - _fvcore_total(model, x) == sdpa
+    assert rep["flops_after"] - _fvcore_total(out, x) == sdpa
+    assert rep["flops_after"] < rep["flops_before"]
+
+
+def test_report_flops_equal_fvcore_for_einsum_attention_up_to_fvcore_rounding():
+    """Documented convention difference: fvcore counts an einsum by parsing the text report of
+    ``np.einsum_path``, which prints the count as ``%.3e``: 4 significant digits. We count a
+    contracting two-operand einsum exactly (the product of all its index sizes). With fvcore's
+    einsum handle replaced by that exact count, the totals agree exactly (MaxViT's attention is
+    two einsums, each an opaque call, i.e. a barrier)."""
+    from fvcore.nn import FlopCountAnalysis
+    from fvcore.nn.jit_handles import get_shape
+    from torchvision.models.maxvit import MaxVit
+
+    def exact_einsum(inputs, outputs):
+        eq = inputs[0].toIValue().replace(" ", "")
+        sizes = {}
+        for term, v in zip(eq.split("->")[0].split(","), inputs[1].node().inputs()):
+            sizes.update(zip(term, get_shape(v)))
+        return int(np.prod(list(sizes.values())))
+
+    def fvcore_exact(model, x):
+        fa = FlopCountAnalysis(model, x).set_op_handle("aten::einsum", exact_einsum)
+        fa.unsupported_ops_warnings(False)
+        fa.uncalled_modules_warnings(False)
+        return int(fa.total())
+
+    torch.manual_seed(0)
+    model = MaxVit(input_size=(32, 32), stem_channels=8, partition_size=4, block_channels=[16, 32],
+                   block_layers=[1, 1], head_dim=8, stochastic_depth_prob=0.0, num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    out = oba_fx.prune_graph(model, x, criterion="l1", channel_ratio=0.3)
+    rep = out.meta["oba"]
+    assert rep["flops_before"] == fvcore_exact(model, x)
+    assert rep["flops_after"] == fvcore_exact(out, x)
+    assert rep["flops_after"] < rep["flops_before"]
+
+
 # ---------------------------------------------------------------- argument errors
 @pytest.mark.parametrize("kwargs, expected", [
     (dict(channel_ratio=1.5), r"channel_ratio.*\[0, 1\).*1\.5"),
@@ -241,11 +318,12 @@ def test_option_a_cifar_resnet_prunes_to_half_flops_with_rewritten_pads(name, da
     assert any(p[4:] != q for p, q in zip(want, [(8, 8), (16, 16)]))  # at least one pad changed
 
 
-def test_pruned_option_a_resnet_accuracy_is_a_fraction(data_dir):
+@pytest.mark.parametrize("name", list(WEIGHTS))
+def test_pruned_option_a_resnet_accuracy_is_a_fraction(name, data_dir):
     from oba_fx.data import cifar10_loader, evaluate
     from oba_fx.models import get_model
 
-    model = get_model("resnet20", weights=data_dir / "weights" / WEIGHTS["resnet20"]).eval()
+    model = get_model(name, weights=data_dir / "weights" / WEIGHTS[name]).eval()
     out = oba_fx.prune_graph(model, torch.randn(2, 3, 32, 32), criterion="l1", target_flops=0.5)
     acc = evaluate(out, cifar10_loader(data_dir, "test_lossless1k", batch_size=100, limit=200))
     assert isinstance(acc, float) and 0.0 <= acc <= 1.0

@@ -3,13 +3,13 @@ criterion, the slimmed network computes what the original eager network computes
 removed channels masked (``_oracle.masked_original``, built from the report alone).
 
 Ops drawn: conv (with or without bias), grouped and depthwise conv, BatchNorm (random
-statistics), GroupNorm, ReLU / GELU, residual add, a residual add of a zero-padded shortcut (option A), ``torch.cat`` of two branches,
-``torch.split`` / ``Tensor.chunk`` + getitem, ``F.pad`` on the channel dim, channel shuffle
-(view / transpose / reshape, with sizes read from ``x.size()`` or constant), avg / max pooling,
-a squeeze-excitation gate (mean -> conv -> ReLU -> conv -> sigmoid -> mul), a gated product of
-two convs, a channels-last Linear (permute -> Linear -> GELU -> permute), a three-way split whose
-parts are read by index (one dropped), and a head that is
-either flatten -> Linear over C*H*W features or global pooling -> flatten -> Linear.
+statistics), GroupNorm, ReLU / GELU, residual add, a residual add of a zero-padded shortcut
+(option A), ``torch.cat`` of two branches, ``torch.split`` / ``Tensor.chunk`` + getitem, a
+three-way split whose parts are read by index (one dropped), ``F.pad`` on the channel dim,
+channel shuffle (view / transpose / reshape, with sizes read from ``x.size()`` or constant),
+avg / max pooling, a squeeze-excitation gate (mean -> conv -> ReLU -> conv -> sigmoid -> mul), a
+gated product of two convs, a channels-last Linear (permute -> Linear -> GELU -> permute), and a
+head that is either flatten -> Linear over C*H*W features or global pooling -> flatten -> Linear.
 
 Hypothesis runs derandomized (the same examples on every run, so CI is reproducible).
 """
