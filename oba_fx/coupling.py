@@ -25,7 +25,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
@@ -33,7 +32,6 @@ import numpy as np
 import torch
 import torch.fx
 
-from . import meta as M
 from .unionfind import compact, components
 
 

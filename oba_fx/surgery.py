@@ -26,7 +26,6 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from . import meta as M
 from .tracing import clone, propagate_shapes
 from .coupling import Coupling
 from .errors import SurgeryError

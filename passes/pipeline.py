@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-import numpy as np
 import torch
 import torch.fx
 from tqdm.auto import tqdm

@@ -1,0 +1,149 @@
+"""Running the rules over a graph: coupling, FLOPs counting and slimming."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.fx
+import torch.nn as nn
+
+from .. import meta as M
+from ..coupling import EMPTY, Builder, TensorSpaces, _State
+from .base import Ctx, FlopCtx, SlimCtx, _arg, _shape, _spaces, _tensor_args, barrier, rule_for_node
+from .sizes import _check_taint, _is_tensor, _size_node
+
+
+# ============================================================================ driver
+def apply_rule(gm: torch.fx.GraphModule, node: torch.fx.Node, b: Builder, state: _State) -> None:
+    """Run the coupling rule of one node (called by :func:`oba_fx.coupling.analyze`)."""
+    ctx = Ctx(gm, node, b, state)
+    if node.op == "placeholder":
+        node.meta[M.SPACES] = EMPTY if _is_tensor(node) else None
+        return
+    if node.op == "get_attr":
+        sh = _shape(node)
+        if sh is None:
+            node.meta[M.SPACES] = None
+            return
+        node.meta[M.SPACES] = TensorSpaces(tuple(
+            b.param_space(node.target, d, n, primary=False) for d, n in enumerate(sh)))
+        return
+    if node.op == "output":
+        b.pin_all([_spaces(a) for a in _tensor_args(node)])
+        _check_taint(ctx)
+        return
+    if _size_node(ctx):
+        node.meta[M.SPACES] = None
+        return
+    rule = rule_for_node(gm, node)
+    if not _tensor_args(node) and node.meta.get(M.TENSOR_META) is None:
+        _check_taint(ctx)  # plain Python values (or None picked from a tuple)
+        node.meta[M.SPACES] = None
+        return
+    if rule is None:
+        what = type(gm.get_submodule(node.target)).__name__ if node.op == "call_module" else _fn_name(node.target)
+        barrier(node, b, f"no rule for {node.op} {what}")
+        _check_taint(ctx)
+        return
+    if node.meta.get(M.TENSOR_META) is None:
+        barrier(node, b, f"{rule.name}: no shape information (did shape propagation run?)")
+        return
+    try:
+        rule.couple(ctx)
+    except Exception as e:  # a rule that cannot understand this use of its op: never guess
+        barrier(node, b, f"{rule.name}: unsupported use ({type(e).__name__}: {e})")
+    _check_taint(ctx)
+
+
+def _fn_name(t: Any) -> str:
+    if isinstance(t, str):
+        return t
+    return getattr(t, "__qualname__", None) or getattr(t, "__name__", None) or repr(t)
+
+
+def count_flops(gm: torch.fx.GraphModule, shape_fn: Callable[[Any], tuple] | None = None) -> int:
+    """FLOPs of a shape-propagated graph (fvcore convention), optionally with other shapes."""
+    shape_fn = shape_fn or _shape
+    total = 0
+    for node in gm.graph.nodes:
+        if node.op not in ("call_module", "call_function", "call_method"):
+            continue
+        rule = rule_for_node(gm, node)
+        if rule is None or rule.flops is None or _shape(node) is None:
+            if rule is None and node.op == "call_module":
+                total += _leaf_module_flops(gm, node, shape_fn)
+            elif rule is None and node.op == "call_function":
+                total += _barrier_function_flops(node, shape_fn)
+            continue
+        total += int(rule.flops(FlopCtx(gm, node, shape_fn)))
+    return total
+
+
+try:  # a torch.fx-wrapped function: one opaque call holding Swin's qkv / output projections
+    from torchvision.models.swin_transformer import shifted_window_attention as _shifted_window_attention
+except ImportError:  # pragma: no cover
+    _shifted_window_attention = None
+
+
+def _barrier_function_flops(node, shape_fn) -> int:
+    """FLOPs of a function without a rule (a barrier) that does the work of layers, as fvcore
+    counts it:
+
+    * torchvision's ``shifted_window_attention`` (Swin): over the tokens of the input padded to
+      whole windows, ``T = B * pad_H * pad_W``, the qkv and output projections ``T * C * 4C`` plus
+      the two attention matmuls ``2 * T * N * C`` (``N`` tokens per window);
+    * a two-operand contracting ``torch.einsum`` (MaxViT's attention): the product of the sizes of
+      all its indices.
+    """
+    if _shifted_window_attention is not None and node.target is _shifted_window_attention:
+        x, ws = shape_fn(node.args[0]), _arg(node, 4, "window_size")
+        if x is None or ws is None or len(x) != 4:
+            return 0
+        b, h, w, c = x
+        t = b * -(-h // ws[0]) * ws[0] * -(-w // ws[1]) * ws[1]
+        return t * c * 4 * c + 2 * t * ws[0] * ws[1] * c
+    if node.target is torch.einsum and node.args and isinstance(node.args[0], str):
+        eq = node.args[0].replace(" ", "")
+        ops = [a for a in node.args[1:] if isinstance(a, torch.fx.Node)]
+        if "->" not in eq or "." in eq or len(ops) != 2:
+            return 0
+        ins, out = eq.split("->")
+        terms = ins.split(",")
+        size: dict[str, int] = {}
+        for term, a in zip(terms, ops):
+            sh = shape_fn(a)
+            if sh is None or len(sh) != len(term):
+                return 0
+            size.update(zip(term, sh))
+        if not set(size) - set(out):  # nothing summed: not a contraction
+            return 0
+        return math.prod(size.values())
+    return 0
+
+
+def _leaf_module_flops(gm, node, shape_fn) -> int:
+    """FLOPs of a leaf module without a rule (it keeps its shape): attention's matmuls."""
+    m = gm.get_submodule(node.target)
+    if isinstance(m, nn.MultiheadAttention):
+        q = _shape(node.args[0])
+        if q is None:
+            return 0
+        k = _shape(node.args[1]) if len(node.args) > 1 and _shape(node.args[1]) else q
+        e = m.embed_dim
+        nq = math.prod(q[:-1])
+        nk = math.prod(k[:-1])
+        seq_q = q[0] if not m.batch_first else q[1]
+        seq_k = k[0] if not m.batch_first else k[1]
+        batch = nq // seq_q
+        return nq * e * e + 2 * nk * e * e + 2 * batch * seq_q * seq_k * e + nq * e * e
+    return 0
+
+
+def slim_node(gm: torch.fx.GraphModule, node: torch.fx.Node, coupling, removed: np.ndarray) -> None:
+    """Apply the slim rule of ``node`` (module replacement or constant rewrite)."""
+    rule = rule_for_node(gm, node)
+    if rule is not None and rule.slim is not None:
+        rule.slim(SlimCtx(gm, node, coupling, removed))

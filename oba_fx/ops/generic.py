@@ -1,0 +1,243 @@
+"""Generic coupling rules shared by many ops: broadcasting, per-dim maps, reductions, reshape."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.fx
+
+from ..coupling import EMPTY, Space, TensorSpaces
+from .base import Ctx, SlimCtx, _shape, _tensor_args, _ts
+
+
+# ============================================================================ generic rules
+def couple_broadcast(ctx: Ctx, args: list[Any] | None = None) -> None:
+    """Elementwise op over broadcast operands: out dim d is tied to every operand's dim d."""
+    out = ctx.out_shape
+    if out is None:
+        return ctx.set(EMPTY)
+    args = _tensor_args(ctx.node) if args is None else args
+    nd = len(out)
+    spaces: list[Space] = []
+    for d in range(nd):
+        tied: list[Space] = []
+        blocked = False
+        for a in args:
+            sh = _shape(a)
+            ad = d - (nd - len(sh))
+            if ad < 0:
+                continue
+            s = _ts(a).at(ad)
+            if sh[ad] != out[d]:  # broadcast from size 1
+                ctx.b.pin(s)
+                continue
+            if s is None:
+                blocked = blocked or out[d] > 1
+            else:
+                tied.append(s)
+        if not tied:
+            continue
+        if blocked:  # an operand we cannot slice spans this dim
+            for s in tied:
+                ctx.b.pin(s)
+            continue
+        o = ctx.new(d)
+        for s in tied:
+            ctx.b.union(s, o)
+        spaces.append(o)
+    ctx.set(TensorSpaces(tuple(spaces)))
+
+
+def couple_first(ctx: Ctx) -> None:
+    """Same shape as the first argument, index by index (contiguous, clone, to, ...)."""
+    src = ctx.node.args[0]
+    if _shape(src) != ctx.out_shape:
+        return ctx.barrier("output shape differs from input shape")
+    ctx.set(TensorSpaces(tuple(ctx.dim_map(src, {d: d for d in range(len(ctx.out_shape))}).values())))
+
+
+def couple_keep_dims(keep: Callable[[int], bool]) -> Callable[[Ctx], None]:
+    """Ops that act within some dims (pooling, upsampling): spaces on kept dims pass."""
+
+    def couple(ctx: Ctx) -> None:
+        src = _tensor_args(ctx.node)[0]
+        nd = len(_shape(src))
+        m = {d: (d if keep(d) and d < len(ctx.out_shape) else None) for d in range(nd)}
+        for d, od in list(m.items()):
+            if od is not None and _shape(src)[d] != ctx.out_shape[od]:
+                m[d] = None
+        ctx.set(TensorSpaces(tuple(ctx.dim_map(src, m).values())))
+
+    return couple
+
+
+couple_spatial = couple_keep_dims(lambda d: d < 2)
+
+
+def _norm_dims(d: Any, nd: int) -> tuple[int, ...] | None:
+    if d is None:
+        return None
+    if isinstance(d, int):
+        d = (d,)
+    return tuple(sorted(x % nd for x in d))
+
+
+def couple_reduce(ctx: Ctx) -> None:
+    """mean/sum/amax/... over ``dim``: reduced dims are pinned, the others pass."""
+    src = ctx.node.args[0]
+    nd = len(_shape(src))
+    dims = _norm_dims(ctx.arg(1, "dim"), nd)
+    keep = bool(ctx.arg(2, "keepdim", False))
+    if dims is None:
+        dims = tuple(range(nd))
+    m: dict[int, int | None] = {}
+    j = 0
+    for d in range(nd):
+        if d in dims:
+            m[d] = None
+            j += keep
+        else:
+            m[d] = j
+            j += 1
+    ctx.set(TensorSpaces(tuple(ctx.dim_map(src, m).values())))
+
+
+def couple_pin_dim(dim_arg: tuple[int, str], default: Any = None, from_module: str | None = None):
+    """Ops that mix all indices of one dim (softmax): that dim is pinned, the others pass."""
+
+    def couple(ctx: Ctx) -> None:
+        src = _tensor_args(ctx.node)[0]
+        nd = len(_shape(src))
+        d = getattr(ctx.module, from_module) if from_module else ctx.arg(*dim_arg, default)
+        if d is None:
+            return ctx.barrier("dim=None mixes every dimension")
+        d %= nd
+        ctx.set(TensorSpaces(tuple(ctx.dim_map(src, {x: (None if x == d else x) for x in range(nd)}).values())))
+
+    return couple
+
+
+def couple_last_dims_mixed(k_of: Callable[[Ctx], int]) -> Callable[[Ctx], None]:
+    """LayerNorm-like: statistics over the last k dims, so they are pinned."""
+
+    def couple(ctx: Ctx) -> None:
+        src = _tensor_args(ctx.node)[0]
+        nd = len(_shape(src))
+        k = k_of(ctx)
+        ctx.set(TensorSpaces(tuple(ctx.dim_map(src, {d: (d if d < nd - k else None) for d in range(nd)}).values())))
+
+    return couple
+
+
+# ---- reshape ---------------------------------------------------------------------------
+def reshape_groups(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[int], list[int]]] | None:
+    """Partition the dims of two shapes of equal numel into matching contiguous groups.
+
+    Example:
+        >>> reshape_groups((2, 6, 4), (2, 3, 2, 4))
+        [([0], [0]), ([1], [1, 2]), ([2], [3])]
+    """
+    if 0 in a or 0 in b or math.prod(a) != math.prod(b):
+        return None
+    groups: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    while i < len(a) and j < len(b):
+        ga, gb, pa, pb = [i], [j], a[i], b[j]
+        i += 1
+        j += 1
+        while pa != pb:
+            if pa < pb:
+                pa *= a[i]
+                ga.append(i)
+                i += 1
+            else:
+                pb *= b[j]
+                gb.append(j)
+                j += 1
+        groups.append((ga, gb))
+    if not groups:
+        groups.append(([], []))
+    groups[-1][0].extend(range(i, len(a)))
+    groups[-1][1].extend(range(j, len(b)))
+    return groups
+
+
+def couple_reshape(ctx: Ctx, src: Any = None) -> None:
+    """view/reshape/flatten: each space maps to the outermost output dim its index varies
+    along; output indices that hold parts of one input index are tied to it (flatten ->
+    features c*HW..c*HW+HW-1; split into heads -> a head is one unit)."""
+    src = ctx.node.args[0] if src is None else src
+    ish, osh = _shape(src), ctx.out_shape
+    groups = reshape_groups(ish, osh)
+    ts = _ts(src)
+    if groups is None:
+        return ctx.barrier("reshape between shapes with zero-size dims")
+    out: dict[int, Space] = {}
+    for gi, go in groups:
+        gshape = [ish[d] for d in gi]
+        oshape = [osh[d] for d in go]
+        for s in ts.spaces:
+            if s.dim not in gi:
+                continue
+            pos = gi.index(s.dim)
+            idx = np.arange(gshape[pos]).reshape([-1 if k == pos else 1 for k in range(len(gi))])
+            val = np.broadcast_to(idx, gshape).reshape(oshape)
+            vary = [k for k in range(len(go)) if val.shape[k] > 1 and not (val == val.take([0], axis=k)).all()]
+            if not vary:
+                ctx.b.pin(s)
+                continue
+            k = vary[0]
+            od = go[k]
+            o = out.get(od) or ctx.new(od)
+            out[od] = o
+            moved = np.moveaxis(val, k, 0).reshape(val.shape[k], -1)
+            # out index j is tied to every input index in moved[j]
+            cols = moved.shape[1]
+            ctx.b.union(s, o, moved.ravel(), np.repeat(np.arange(o.size), cols))
+    ctx.set(TensorSpaces(tuple(out.values())))
+
+
+def _size_args(node: torch.fx.Node, start: int) -> tuple[list[Any], bool]:
+    rest = list(node.args[start:])
+    if len(rest) == 1 and isinstance(rest[0], (tuple, list, torch.Size)):
+        return list(rest[0]), True
+    if not rest and "size" in node.kwargs:
+        return list(node.kwargs["size"]), True
+    if not rest and "shape" in node.kwargs:
+        return list(node.kwargs["shape"]), True
+    return rest, False
+
+
+def slim_sizes(start: int, fill: Callable[["SlimCtx", int], Any]) -> Callable[["SlimCtx"], None]:
+    """Rewrite the size arguments of view/reshape/expand for spaced output dims."""
+
+    def slim(ctx: SlimCtx) -> None:
+        node = ctx.node
+        sizes, packed = _size_args(node, start)
+        new_shape = ctx.new_shape(node)
+        ts = ctx.ts(node)
+        changed = False
+        for d in ts.dims:
+            if d < len(sizes):
+                v = fill(ctx, d) if fill else new_shape[d]
+                if sizes[d] != v:
+                    sizes[d] = v
+                    changed = True
+        if not changed:
+            return
+        head = list(node.args[:start])
+        if packed:
+            if "size" in node.kwargs or "shape" in node.kwargs:
+                key = "size" if "size" in node.kwargs else "shape"
+                node.kwargs = {**node.kwargs, key: tuple(sizes)}
+            else:
+                node.args = tuple(head) + (tuple(sizes),)
+        else:
+            node.args = tuple(head) + tuple(sizes)
+
+    return slim
+
+

@@ -1,0 +1,270 @@
+"""Parameterised layers: convolutions, linear maps, norms, embedding, PReLU."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import meta as M
+from ..coupling import TensorSpaces
+from .base import Ctx, FlopCtx, OpRule, SlimCtx, _arg, _numel, _register, _spaces, _tensor_args, _ts, slice_attr
+from .generic import couple_broadcast, couple_last_dims_mixed
+
+
+# ============================================================================ layers
+def _conv_spaces(ctx: Ctx, transposed: bool) -> None:
+    """Conv: weight (out, in/g, k..) or, transposed, (in, out/g, k..).
+
+    groups == 1: out channel i <-> weight row i <-> bias i; input channel j <-> weight column j.
+    groups > 1 (depthwise included): a whole group (its input block, output block, weight rows
+    and bias entries) is one unit, so slimming removes groups and rewrites ``groups``.
+    """
+    m = ctx.module
+    g = m.groups
+    xs = _ts(ctx.node.args[0]).at(1)
+    out = ctx.new(1)
+    bias = ctx.param("bias", 0) if m.bias is not None else None
+    if bias is not None:
+        ctx.b.union(out, bias)
+    if g == 1:
+        w_out = ctx.param("weight", 1 if transposed else 0)
+        w_in = ctx.param("weight", 0 if transposed else 1)
+        ctx.b.union(out, w_out)
+        if xs is None:
+            ctx.b.pin(w_in)
+        else:
+            ctx.b.union(xs, w_in)
+        return ctx.set(TensorSpaces((out,)))
+    ipg, opg = m.in_channels // g, m.out_channels // g
+    w_rows = ctx.param("weight", 0)  # blocks of opg rows (conv) / ipg rows (transposed)
+    rpg = ipg if transposed else opg
+    if xs is None:
+        ctx.b.pin(out)
+    for k in range(g):
+        els = [out.elements(np.arange(k * opg, (k + 1) * opg)),
+               w_rows.elements(np.arange(k * rpg, (k + 1) * rpg))]
+        if xs is not None:
+            els.append(xs.elements(np.arange(k * ipg, (k + 1) * ipg)))
+        ctx.b.union_many(np.concatenate(els))
+    ctx.set(TensorSpaces((out,)))
+
+
+def _slim_conv(ctx: SlimCtx, transposed: bool) -> None:
+    m = ctx.module
+    g = m.groups
+    ipg, opg = m.in_channels // g, m.out_channels // g
+    if m.bias is not None:
+        slice_attr(m, "bias", 0, ctx.param_kept("bias", 0))
+    if g == 1:
+        slice_attr(m, "weight", 0, ctx.param_kept("weight", 0))
+        slice_attr(m, "weight", 1, ctx.param_kept("weight", 1))
+        m.in_channels, m.out_channels = (m.weight.shape[0], m.weight.shape[1]) if transposed else \
+            (m.weight.shape[1], m.weight.shape[0])
+        return
+    slice_attr(m, "weight", 0, ctx.param_kept("weight", 0))
+    m.groups = m.weight.shape[0] // (ipg if transposed else opg)
+    m.in_channels, m.out_channels = ipg * m.groups, opg * m.groups
+
+
+def _flops_conv(ctx: FlopCtx, transposed: bool) -> int:
+    m = ctx.module
+    ishape, oshape = ctx.inp(0), ctx.out
+    k = math.prod(m.kernel_size)
+    if m.groups == 1:
+        cin, cout_pg = ishape[1], oshape[1]
+        w = cout_pg * cin * k
+    else:
+        ipg, opg = m.in_channels // m.groups, m.out_channels // m.groups
+        g_new = ishape[1] // ipg
+        w = g_new * ipg * opg * k
+    spatial = ishape[2:] if transposed else oshape[2:]
+    return int(ishape[0] * w * math.prod(spatial))
+
+
+CONV = _register(
+    OpRule("conv", lambda c: _conv_spaces(c, False), lambda c: _slim_conv(c, False),
+           lambda c: _flops_conv(c, False), "layer"),
+    modules=(nn.Conv1d, nn.Conv2d, nn.Conv3d),
+)
+CONV_T = _register(
+    OpRule("conv_transpose", lambda c: _conv_spaces(c, True), lambda c: _slim_conv(c, True),
+           lambda c: _flops_conv(c, True), "layer"),
+    modules=(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d),
+)
+
+
+def _couple_linear(ctx: Ctx) -> None:
+    m = ctx.module
+    x = ctx.node.args[0]
+    nd = len(ctx.out_shape)
+    carried = ctx.dim_map(x, {d: d for d in range(nd - 1)}, consumed=(nd - 1,))
+    xs = _ts(x).at(nd - 1)
+    w_in = ctx.param("weight", 1)
+    if xs is None:
+        ctx.b.pin(w_in)
+    else:
+        ctx.b.union(xs, w_in)
+    out = ctx.new(nd - 1)
+    ctx.b.union(out, ctx.param("weight", 0))
+    if m.bias is not None:
+        ctx.b.union(out, ctx.param("bias", 0))
+    ctx.set(TensorSpaces(tuple(carried.values()) + (out,)))
+
+
+def _slim_linear(ctx: SlimCtx) -> None:
+    m = ctx.module
+    slice_attr(m, "weight", 0, ctx.param_kept("weight", 0))
+    slice_attr(m, "weight", 1, ctx.param_kept("weight", 1))
+    if m.bias is not None:
+        slice_attr(m, "bias", 0, ctx.param_kept("bias", 0))
+    m.out_features, m.in_features = m.weight.shape
+
+
+LINEAR = _register(
+    OpRule("linear", _couple_linear, _slim_linear, lambda c: _numel(c.inp(0)) * c.out[-1], "layer"),
+    modules=(nn.Linear,),
+)
+
+
+def _couple_channel_norm(ctx: Ctx) -> None:
+    """BatchNorm / InstanceNorm: per-channel on dim 1."""
+    m = ctx.module
+    x = ctx.node.args[0]
+    nd = len(ctx.out_shape)
+    sp = ctx.dim_map(x, {d: d for d in range(nd)})
+    out = sp.get(1)
+    if out is None:
+        out = ctx.new(1)
+        ctx.b.pin(out)
+    for attr in ("weight", "bias", "running_mean", "running_var"):
+        if getattr(m, attr, None) is not None:
+            ctx.b.union(out, ctx.param(attr, 0, primary=attr in ("weight", "bias")))
+    sp[1] = out
+    ctx.set(TensorSpaces(tuple(sp.values())))
+
+
+def _slim_channel_norm(ctx: SlimCtx) -> None:
+    m = ctx.module
+    n = None
+    for attr in ("weight", "bias", "running_mean", "running_var"):
+        if getattr(m, attr, None) is not None:
+            slice_attr(m, attr, 0, ctx.param_kept(attr, 0))
+            n = getattr(m, attr).shape[0]
+    if n is None:
+        n = ctx.new_shape(ctx.node)[1]
+    m.num_features = n
+
+
+def _flops_bn(ctx: FlopCtx) -> int:
+    m = ctx.module
+    n = _numel(ctx.inp(0))
+    if m.training or not m.track_running_stats:
+        return n * (5 if m.affine else 4)
+    return n * (2 if m.affine else 1)
+
+
+BATCHNORM = _register(
+    OpRule("batch_norm", _couple_channel_norm, _slim_channel_norm, _flops_bn, "layer"),
+    modules=(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm),
+)
+INSTANCENORM = _register(
+    OpRule("instance_norm", _couple_channel_norm, _slim_channel_norm,
+           lambda c: _numel(c.inp(0)) * (5 if c.module.affine else 4), "smooth"),
+    modules=(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d),
+)
+
+
+def _couple_group_norm(ctx: Ctx) -> None:
+    m = ctx.module
+    x = ctx.node.args[0]
+    nd = len(ctx.out_shape)
+    sp = ctx.dim_map(x, {d: d for d in range(nd)})
+    out = sp.get(1) or ctx.new(1)
+    if 1 not in sp:
+        ctx.b.pin(out)
+    sp[1] = out
+    cpg = m.num_channels // m.num_groups
+    for k in range(m.num_groups):
+        ctx.b.union_many(out.elements(np.arange(k * cpg, (k + 1) * cpg)))
+    if m.affine:
+        ctx.b.union(out, ctx.param("weight", 0))
+        ctx.b.union(out, ctx.param("bias", 0))
+    ctx.set(TensorSpaces(tuple(sp.values())))
+
+
+def _slim_group_norm(ctx: SlimCtx) -> None:
+    m = ctx.module
+    cpg = m.num_channels // m.num_groups
+    n = ctx.new_shape(ctx.node)[1]
+    if m.affine:
+        slice_attr(m, "weight", 0, ctx.param_kept("weight", 0))
+        slice_attr(m, "bias", 0, ctx.param_kept("bias", 0))
+    m.num_channels, m.num_groups = n, n // cpg
+
+
+GROUPNORM = _register(
+    OpRule("group_norm", _couple_group_norm, _slim_group_norm,
+           lambda c: _numel(c.inp(0)) * (5 if c.module.affine else 4), "smooth"),
+    modules=(nn.GroupNorm,),
+)
+
+LAYERNORM = _register(
+    OpRule("layer_norm", couple_last_dims_mixed(lambda c: len(c.module.normalized_shape)), None,
+           lambda c: _numel(c.inp(0)) * (5 if c.module.elementwise_affine else 4), "smooth"),
+    modules=(nn.LayerNorm,),
+)
+F_LAYERNORM = _register(
+    OpRule("layer_norm", couple_last_dims_mixed(lambda c: len(c.arg(1, "normalized_shape"))), None,
+           lambda c: _numel(c.inp(0)) * (5 if _arg(c.node, 2, "weight") is not None else 4), "smooth"),
+    functions=(F.layer_norm,),
+)
+RMSNORM = _register(
+    OpRule("rms_norm", couple_last_dims_mixed(lambda c: len(c.module.normalized_shape)), None, None, "smooth"),
+    modules=(nn.RMSNorm,) if hasattr(nn, "RMSNorm") else (),
+)
+
+
+def _couple_embedding(ctx: Ctx) -> None:
+    nd = len(ctx.out_shape)
+    out = ctx.new(nd - 1)
+    ctx.b.union(out, ctx.param("weight", 1))
+    for a in _tensor_args(ctx.node):
+        ctx.b.pin_all(_spaces(a))
+    ctx.set(TensorSpaces((out,)))
+
+
+def _slim_embedding(ctx: SlimCtx) -> None:
+    m = ctx.module
+    slice_attr(m, "weight", 1, ctx.param_kept("weight", 1))
+    m.embedding_dim = m.weight.shape[1]
+
+
+EMBEDDING = _register(OpRule("embedding", _couple_embedding, _slim_embedding, None, "layer"),
+                      modules=(nn.Embedding,))
+
+
+def _couple_prelu(ctx: Ctx) -> None:
+    m = ctx.module
+    couple_broadcast(ctx, [ctx.node.args[0]])
+    if m.num_parameters > 1:
+        out = ctx.node.meta[M.SPACES].at(1)
+        w = ctx.param("weight", 0)
+        if out is None:
+            ctx.b.pin(w)
+        else:
+            ctx.b.union(out, w)
+
+
+def _slim_prelu(ctx: SlimCtx) -> None:
+    m = ctx.module
+    if m.num_parameters > 1:
+        slice_attr(m, "weight", 0, ctx.param_kept("weight", 0))
+        m.num_parameters = m.weight.shape[0]
+
+
+PRELU = _register(OpRule("prelu", _couple_prelu, _slim_prelu, None, "piecewise"), modules=(nn.PReLU,))
+
+
