@@ -55,51 +55,85 @@ def layer_table(report: dict, before: torch.nn.Module, after: torch.nn.Module) -
     return "\n".join(rows)
 
 
+def _loaders(args, root: Path) -> dict:
+    """Test, calibration and training loaders for ``--dataset`` (npz folder or torchvision)."""
+    from torch.utils.data import DataLoader, Subset
+
+    from .data import cifar10_loader, torchvision_cifar
+
+    if args.dataset == "npz":
+        return {
+            "exact 1k test images": cifar10_loader(root, "test_lossless1k", batch_size=250),
+            "JPEG test images": cifar10_loader(root, "test", batch_size=500, limit=args.test_limit),
+            "calib": cifar10_loader(root, "train", batch_size=args.batch_size,
+                                    limit=args.batch_size * args.calib_batches, shuffle=True, seed=0),
+            "train": lambda: cifar10_loader(root, "train", batch_size=args.batch_size, shuffle=True, augment=True,
+                                            seed=0, limit=args.train_limit),
+        }
+    test = torchvision_cifar(root, train=False, download=args.download, dataset=args.dataset)
+    train = torchvision_cifar(root, train=True, download=args.download, dataset=args.dataset)
+    if args.test_limit:
+        test = Subset(test, range(args.test_limit))
+    g = torch.Generator().manual_seed(0)
+    calib = Subset(train, torch.randperm(len(train), generator=g)[: args.batch_size * args.calib_batches].tolist())
+    aug = torchvision_cifar(root, train=True, download=False, augment=True, dataset=args.dataset)
+    return {
+        "test images": DataLoader(test, batch_size=500),
+        "calib": DataLoader(calib, batch_size=args.batch_size),
+        "train": lambda: DataLoader(aug if not args.train_limit else Subset(aug, range(args.train_limit)),
+                                    batch_size=args.batch_size, shuffle=True, generator=torch.Generator().manual_seed(0)),
+    }
+
+
 def cmd_prune(args) -> int:
     from . import prune_graph
     from .bn import recalibrate_bn
-    from .data import cifar10_loader, data_dir, evaluate
+    from .data import data_dir, evaluate
     from .models import get_model
 
     if not 0.0 < args.target_flops <= 1.0:
         raise ValueError(f"--target-flops is the retained FLOPs fraction and must be in (0, 1], got {args.target_flops}")
     data = data_dir(args.data)
     weights = _weights_path(args, data)
-    model = get_model(args.model, weights=str(weights) if weights else None).eval()
+    classes = 100 if args.dataset == "cifar100" else 10
+    model = get_model(args.model, num_classes=classes, weights=str(weights) if weights else None).eval()
     if weights is None:
         log.warning("no pretrained weights given (--weights or %s): pruning random weights", WEIGHTS_ENV)
-    exact = cifar10_loader(data, "test_lossless1k", batch_size=250)
-    full = cifar10_loader(data, "test", batch_size=500, limit=args.test_limit)
-    calib = cifar10_loader(data, "train", batch_size=args.batch_size, limit=args.batch_size * args.calib_batches,
-                           shuffle=True, seed=0)
-    x = next(iter(exact))[0][:1]
+    loaders = _loaders(args, data)
+    calib = loaders.pop("calib")
+    train = loaders.pop("train")
+    tests = loaders
+
+    def accuracy(m):
+        return [evaluate(m, dl) for dl in tests.values()]
+
+    x = next(iter(calib))[0][:1]
     t0 = time.time()
-    acc = {"before": (evaluate(model, exact), evaluate(model, full))}
+    acc = {"before": accuracy(model)}
     kwargs = dict(criterion=args.criterion, target_flops=args.target_flops, steps=args.steps, bn_recalibration=False,
                   verbose=not args.quiet)
     if args.criterion not in ("l1", "l2", "random"):
         kwargs.update(data=calib, max_batches=args.calib_batches)
     pruned = prune_graph(model, x, **kwargs)
-    acc["after"] = (evaluate(pruned, exact), evaluate(pruned, full))
+    acc["after"] = accuracy(pruned)
     if args.bn_recal:
         recalibrate_bn(pruned, calib)
-        acc["after + BN recalibration"] = (evaluate(pruned, exact), evaluate(pruned, full))
+        acc["after + BN recalibration"] = accuracy(pruned)
     if args.finetune_epochs > 0:
         from .finetune import finetune
 
-        train = cifar10_loader(data, "train", batch_size=args.batch_size, shuffle=True, augment=True, seed=0,
-                               limit=args.train_limit)
-        finetune(pruned, train, epochs=args.finetune_epochs, lr=args.lr, progress=not args.quiet,
+        finetune(pruned, train(), epochs=args.finetune_epochs, lr=args.lr, progress=not args.quiet,
                  checkpoint_dir=(args.out + ".ckpt") if args.out else None)
-        acc[f"after {args.finetune_epochs} fine-tuning epoch(s)"] = (evaluate(pruned, exact), evaluate(pruned, full))
+        acc[f"after {args.finetune_epochs} fine-tuning epoch(s)"] = accuracy(pruned)
     r = pruned.meta["oba"]
     print(layer_table(r, model, pruned))
     print(f"\nFLOPs {r['flops_before']:,} -> {r['flops_after']:,} ({r['flops_after'] / r['flops_before']:.3f}); "
           f"params {r['params_before']:,} -> {r['params_after']:,} ({r['params_after'] / r['params_before']:.3f})")
-    n_full = len(full.dataset)
-    for k, (a1, a2) in acc.items():
-        print(f"accuracy {k:28s}: {100 * a1:5.1f} % on the exact 1k test images, {100 * a2:5.1f} % on {n_full} JPEG test images")
-    print(f"({args.criterion}, one-shot, no fine-tuning; {time.time() - t0:.0f} s)")
+    sizes = [len(dl.dataset) for dl in tests.values()]
+    for k, accs in acc.items():
+        parts = ", ".join(f"{100 * a:5.1f} % on {n} {name}" for a, n, name in zip(accs, sizes, tests))
+        print(f"accuracy {k:28s}: {parts}")
+    print(f"({args.criterion}, {args.steps} step(s); {time.time() - t0:.0f} s)")
     if args.out:
         from .io import save
 
@@ -142,7 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("prune", help="prune a model to a FLOPs target and report accuracy before/after")
     pr.add_argument("--model", default="resnet56", help="built-in CIFAR model or torchvision name (default resnet56)")
     pr.add_argument("--weights", help=f"checkpoint path (or ${WEIGHTS_ENV}; default: DATA/weights/<model>-*.th)")
-    pr.add_argument("--data", help="folder of CIFAR-10 npz files (or $OBA_FX_DATA)")
+    pr.add_argument("--data", help="folder of CIFAR-10 npz files, or a torchvision root with --dataset (or $OBA_FX_DATA)")
+    pr.add_argument("--dataset", default="npz", choices=["npz", "cifar10", "cifar100"],
+                    help="npz: a folder like the project's CIFAR-10 arrays; cifar10/cifar100: torchvision datasets")
+    pr.add_argument("--download", action="store_true", help="let torchvision download CIFAR (needs internet)")
     pr.add_argument("--target-flops", type=float, default=0.5, help="retained FLOPs fraction (default 0.5)")
     pr.add_argument("--criterion", default="l1", help="l1, l2, random, oba, taylor, obd_fisher, obd_hutchinson")
     pr.add_argument("--calib-batches", type=int, default=16,

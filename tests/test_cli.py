@@ -47,3 +47,8 @@ def test_usage_error_exits_non_zero():
     with pytest.raises(SystemExit) as e:
         main(["prune", "--target-flops", "half"])
     assert e.value.code != 0
+
+
+def test_torchvision_dataset_missing_says_so_without_downloading(capsys, tmp_path):
+    code, err = _run(capsys, "prune", "--model", "resnet20", "--dataset", "cifar10", "--data", str(tmp_path))
+    assert code != 0 and "download" in err.lower()
