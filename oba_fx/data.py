@@ -283,7 +283,8 @@ def torchvision_cifar(
     )
 
 
-def _module_device(model: nn.Module) -> torch.device:
+def module_device(model: nn.Module) -> torch.device:
+    """The device of the first parameter (or buffer) of ``model``; CPU if it has none."""
     for t in model.parameters():
         return t.device
     for t in model.buffers():
@@ -315,7 +316,7 @@ def evaluate(model: nn.Module, loader, max_batches: int | None = None) -> float:
         >>> evaluate(model, DataLoader(TensorDataset(x, y), batch_size=2))
         0.6666666666666666
     """
-    device = _module_device(model)
+    device = module_device(model)
     was_training = model.training
     model.eval()
     correct = total = 0

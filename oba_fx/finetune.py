@@ -50,7 +50,6 @@ import logging
 import math
 import os
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -60,7 +59,8 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .data import evaluate
+from .data import evaluate, module_device
+from .io import atomic_save
 
 __all__ = ["CHECKPOINT_NAME", "FinetuneResult", "finetune"]
 
@@ -116,12 +116,6 @@ class FinetuneResult:
 # helpers
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
 
 
 def _to_device(x: Any, device: torch.device) -> Any:
@@ -200,22 +194,6 @@ def _scheduler_state(scheduler: torch.optim.lr_scheduler.MultiStepLR) -> dict[st
     sd = dict(scheduler.state_dict())
     sd["milestones"] = dict(sd["milestones"])  # a Counter; a plain dict loads with weights_only=True
     return sd
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def _is_main_process() -> bool:
@@ -361,7 +339,7 @@ def finetune(
 
     if device is not None:
         model.to(device)
-    dev = torch.device(device) if device is not None else _model_device(model)
+    dev = torch.device(device) if device is not None else module_device(model)
     loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
     mask_list = _prepare_masks(model, masks)
 
@@ -441,7 +419,7 @@ def finetune(
         logger.info("epoch %d/%d: train loss %.4f%s, lr %.3g", epoch, epochs, total / seen,
                     "" if acc is None else f", accuracy {acc:.4f}", epoch_lr)
         if ckpt_path is not None and _is_main_process():
-            _atomic_save({
+            atomic_save({
                 "format": _FORMAT, "version": _VERSION, "epoch": epoch, "epochs": epochs,
                 "config": config, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": _scheduler_state(scheduler), "rng": _rng_state(train_loader),

@@ -137,30 +137,33 @@ def save(gm: torch.fx.GraphModule, path: str | os.PathLike) -> Path:
         "training": gm.training,
     }
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_save(payload, path)
     except (pickle.PicklingError, AttributeError, TypeError) as exc:
-        _unlink(tmp)
         raise ValueError(f"cannot save to {str(path)!r}: the module or gm.meta holds something that cannot be "
                          f"pickled: {exc}") from exc
-    except BaseException:
-        _unlink(tmp)
-        raise
     logger.info("saved GraphModule (%d parameters) to %s",
                 sum(p.numel() for p in gm.parameters()), path)
     return path
 
 
-def _unlink(p: str) -> None:
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename: a reader never sees
+    a half-written file, and an interrupted save leaves the old one intact."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.unlink(p)
-    except OSError:
-        pass
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def load(path: str | os.PathLike, *, map_location: Any = None) -> torch.fx.GraphModule:
