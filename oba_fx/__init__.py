@@ -13,9 +13,10 @@ from .api import explain, hessian_structure, prune_graph
 from .bn import recalibrate_bn
 from .finetune import FinetuneResult, finetune
 from .io import load, save
+from .scoring import score
 from .errors import MissingAnalysisError, OBAError, SurgeryError, TraceError, VerificationError
 
-__all__ = ["prune_graph", "explain", "hessian_structure", "finetune", "FinetuneResult", "save", "load",
+__all__ = ["prune_graph", "explain", "hessian_structure", "finetune", "FinetuneResult", "save", "load", "score",
            "recalibrate_bn", "OBAError", "TraceError", "SurgeryError", "VerificationError",
            "MissingAnalysisError"]
 __version__ = "0.1.0"
