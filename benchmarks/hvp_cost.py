@@ -15,11 +15,13 @@ For each model (eval mode, random weights, CIFAR-sized 3x32x32 inputs, 10 classe
 
 Columns: median wall time over ``--runs`` timed runs (after one warm-up; methods are
 interleaved round by round, so machine load hits all of them alike); FLOPs counted by
-``torch.utils.flop_counter.FlopCounterMode`` (deterministic, immune to load); and peak memory,
-measured as the increase of the process's peak resident set size (``resource.getrusage
-(RUSAGE_SELF).ru_maxrss``) during the first call of the method in a fresh subprocess, after the
-model, the batch (and the program) were set up. RSS includes allocator slack and oneDNN caches,
-so read it as an upper bound with ~10 MB noise.
+``torch.utils.flop_counter.FlopCounterMode`` (deterministic, immune to load); and peak memory:
+the increase of the process's peak resident set size (Linux ``VmHWM``, the counter behind
+``resource.getrusage().ru_maxrss``, reset through ``/proc/self/clear_refs`` after a warm-up call
+and ``malloc_trim``) over the RSS before one steady-state call, in a fresh subprocess per
+(model, method) with the model, the batch (and the program) already set up. It counts everything
+the call touches (activations, saved tensors, outputs, allocator slack, oneDNN scratch), so read
+it to about ±10 MB.
 
 Models: a small CNN (defined here), the thin CIFAR ResNet-56 and VGG19-BN (from
 ``oba_fx.models.get_model`` when available), and a small ViT for 32x32 inputs (defined here:
@@ -33,9 +35,10 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import logging
-import resource
 import statistics
 import subprocess
 import sys
@@ -143,14 +146,20 @@ def setup(model_name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     return model, x, y
 
 
-def methods(model: nn.Module, x: torch.Tensor, y: torch.Tensor, build: bool = True) -> dict[str, Callable]:
-    """name -> zero-argument callable; program builds happen here (timed separately)."""
+PROGRAMS = (("program functional (+g)", "functional", True), ("program functional", "functional", False),
+            ("program full (+g)", "full", True))
+
+
+def methods(model: nn.Module, x: torch.Tensor, y: torch.Tensor, programs: tuple[str, ...] | None = None
+            ) -> dict[str, Callable]:
+    """name -> zero-argument callable; program builds (all, or those in ``programs``) happen here
+    and are timed separately."""
     params = {n: p.detach() for n, p in model.named_parameters()}
     buffers = {n: b.detach() for n, b in model.named_buffers()}
 
     def grad_only():
-        leaves = {n: p.requires_grad_() for n, p in ((n, p.clone()) for n, p in params.items())}
-        loss = F.cross_entropy(functional_call(model, ({**leaves}, buffers), (x,)), y)
+        leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
+        loss = F.cross_entropy(functional_call(model, (leaves, buffers), (x,)), y)
         return torch.autograd.grad(loss, list(leaves.values()))
 
     def jvp_grad():
@@ -162,10 +171,8 @@ def methods(model: nn.Module, x: torch.Tensor, y: torch.Tensor, build: bool = Tr
         "fused functional": lambda: fused_hvp(model, (x, y), hessian="functional"),
         "fused full": lambda: fused_hvp(model, (x, y), hessian="full"),
     }
-    if build:
-        for label, hessian, with_grad in (("program functional (+g)", "functional", True),
-                                          ("program functional", "functional", False),
-                                          ("program full (+g)", "full", True)):
+    for label, hessian, with_grad in PROGRAMS:
+        if programs is None or label in programs:
             t0 = time.perf_counter()
             prog = build_hvp_program(model, (x, y), hessian=hessian, with_grad=with_grad)
             BUILD_TIMES[label] = time.perf_counter() - t0
@@ -195,16 +202,33 @@ def time_all(fns: dict[str, Callable], runs: int) -> dict[str, list[float]]:
     return times
 
 
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
 def worker(model_name: str, method: str) -> None:
-    """Peak RSS increase (MB) of the first call of one method, printed as JSON."""
+    """Peak RSS increase (MB) of one steady-state call of one method, printed as JSON.
+
+    After a warm-up call, freed heap memory is returned to the OS (``malloc_trim``), the kernel's
+    peak-RSS counter is reset (``/proc/self/clear_refs`` ← 5) and the baseline RSS read; the
+    result is ``VmHWM − baseline`` around one more call (the same counter as
+    ``resource.getrusage().ru_maxrss``, reset first so that earlier peaks do not hide this one).
+    """
     torch.set_num_threads(THREADS)
     model, x, y = setup(model_name)
-    fns = methods(model, x, y, build=method.startswith("program"))
-    fn = fns[method]
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fn = methods(model, x, y, programs=(method,))[method]
     fn()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_mb": (peak - base) / 1024}))
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status_kb("VmRSS")
+    fn()
+    print(json.dumps({"peak_mb": (_status_kb("VmHWM") - base) / 1024}))
 
 
 def peak_memory(model_name: str, method: str) -> float | None:
@@ -231,8 +255,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     torch.set_num_threads(THREADS)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH}, CPU, eval mode; "
-          f"time = median of {args.runs} (interleaved), memory = peak-RSS increase of a first call "
-          f"in a fresh process")
+          f"time = median of {args.runs} (interleaved), memory = peak-RSS increase of a steady-state "
+          f"call in a fresh process (VmHWM reset)")
     results = {}
     for name in args.models:
         try:

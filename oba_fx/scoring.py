@@ -218,7 +218,7 @@ def _state(model: nn.Module) -> tuple[dict, dict]:
 def _gradient(model: nn.Module, x: Any, y: Any, names: Sequence[str], loss_fn: LossFn) -> dict[str, torch.Tensor]:
     """Plain batch gradient (one forward + backward); buffers are copies."""
     params, buffers = _state(model)
-    leaves = {n: params[n].clone().requires_grad_() for n in names}
+    leaves = {n: params[n].detach().requires_grad_() for n in names}
     bufs = {n: b.clone() for n, b in buffers.items()}
     with torch.enable_grad():
         loss = loss_fn(functional_call(model, ({**params, **leaves}, bufs), (x,)), y)
@@ -280,13 +280,45 @@ def _samples_coupled(model: nn.Module) -> bool:
     return any(m.training for m in model.modules())
 
 
+def _per_sample_gradient_chunks(model: nn.Module, batch: tuple[Any, Any], names: Sequence[str], loss_fn: LossFn,
+                                chunk: int) -> Iterator[dict[str, torch.Tensor]]:
+    """``{name: G}`` for consecutive chunks of samples, ``G[i]`` the gradient of sample ``i``'s loss."""
+    params, buffers = _state(model)
+    x, y = batch
+    if not _samples_coupled(model):
+        def sample_loss(p: dict, xn: torch.Tensor, yn: Any) -> torch.Tensor:
+            out = functional_call(model, ({**params, **p}, buffers), (xn.unsqueeze(0),))
+            return loss_fn(out, yn.unsqueeze(0))
+
+        per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+        scored = {n: params[n] for n in names}
+        for i in range(0, x.shape[0], chunk):
+            yield per_sample(scored, x[i:i + chunk], y[i:i + chunk])
+        return
+    leaves = {n: params[n].detach().requires_grad_() for n in names}
+    bufs = {n: b.clone() for n, b in buffers.items()}
+    with torch.enable_grad():
+        z = functional_call(model, ({**params, **leaves}, bufs), (x,))
+        for i in range(z.shape[0]):
+            li = loss_fn(z[i:i + 1], y[i:i + 1])
+            gs = torch.autograd.grad(li, list(leaves.values()), retain_graph=True, allow_unused=True)
+            yield {n: (torch.zeros_like(leaves[n]) if g is None else g).unsqueeze(0) for n, g in zip(names, gs)}
+
+
+def _names(model: nn.Module, param_names: Sequence[str] | None) -> list[str]:
+    if param_names is not None:
+        return list(param_names)
+    return [n for n, p in model.named_parameters() if p.is_floating_point()]
+
+
 def per_sample_gradients(model: nn.Module, batch: tuple[Any, Any], *, param_names: Sequence[str] | None = None,
                          loss_fn: LossFn | None = None) -> dict[str, torch.Tensor]:
     """``{name: G}`` with ``G[n] = ∇_θ loss_fn(z_n, y_n)``, the gradient of sample ``n``'s loss.
 
     ``z_n`` is sample ``n``'s row of the logits of the whole batch (in train mode BatchNorm's batch
     statistics therefore couple the samples, and are differentiated). Uses ``vmap(grad)`` when
-    every module is in eval mode, else one forward and a backward per sample.
+    every module is in eval mode, else one forward and a backward per sample. Memory: batch size
+    times the parameters (:func:`empirical_fisher_diagonal` works in chunks instead).
 
     Example:
         >>> m = torch.nn.Linear(3, 2).double().eval()
@@ -298,34 +330,32 @@ def per_sample_gradients(model: nn.Module, batch: tuple[Any, Any], *, param_name
         >>> torch.allclose(G["weight"].mean(0), g)
         True
     """
-    loss_fn = loss_fn or default_loss_fn
-    params, buffers = _state(model)
-    names = list(param_names) if param_names is not None else [n for n, p in params.items() if p.is_floating_point()]
-    x, y = batch
-    if not _samples_coupled(model):
-        def sample_loss(p: dict, xn: torch.Tensor, yn: Any) -> torch.Tensor:
-            out = functional_call(model, ({**params, **p}, buffers), (xn.unsqueeze(0),))
-            return loss_fn(out, yn.unsqueeze(0))
+    names = _names(model, param_names)
+    n = batch[0].shape[0]
+    chunks = list(_per_sample_gradient_chunks(model, batch, names, loss_fn or default_loss_fn, n))
+    return {k: torch.cat([c[k] for c in chunks]) for k in names}
 
-        return vmap(grad(sample_loss), in_dims=(None, 0, 0))({n: params[n] for n in names}, x, y)
-    leaves = {n: params[n].clone().requires_grad_() for n in names}
-    bufs = {n: b.clone() for n, b in buffers.items()}
-    rows: dict[str, list] = {n: [] for n in names}
-    with torch.enable_grad():
-        z = functional_call(model, ({**params, **leaves}, bufs), (x,))
-        for i in range(z.shape[0]):
-            li = loss_fn(z[i:i + 1], y[i:i + 1])
-            gs = torch.autograd.grad(li, list(leaves.values()), retain_graph=True, allow_unused=True)
-            for n, g in zip(names, gs):
-                rows[n].append(torch.zeros_like(leaves[n]) if g is None else g)
-    return {n: torch.stack(r) for n, r in rows.items()}
+
+#: per-sample gradients held at once by :func:`empirical_fisher_diagonal` (elements)
+FISHER_CHUNK_ELEMENTS = 1 << 25
 
 
 def empirical_fisher_diagonal(model: nn.Module, batch: tuple[Any, Any], *, param_names: Sequence[str] | None = None,
                               loss_fn: LossFn | None = None) -> dict[str, torch.Tensor]:
-    """``diag((1/N) Σ_n g_n g_nᵀ) = (1/N) Σ_n g_n²`` with :func:`per_sample_gradients`."""
-    G = per_sample_gradients(model, batch, param_names=param_names, loss_fn=loss_fn)
-    return {n: g.square().mean(0) for n, g in G.items()}
+    """``diag((1/N) Σ_n g_n g_nᵀ) = (1/N) Σ_n g_n²`` with ``g_n`` as in :func:`per_sample_gradients`,
+    accumulated over chunks of samples (at most :data:`FISHER_CHUNK_ELEMENTS` gradient entries
+    at once)."""
+    names = _names(model, param_names)
+    params = dict(model.named_parameters())
+    n_params = max(1, sum(params[k].numel() for k in names))
+    chunk = max(1, FISHER_CHUNK_ELEMENTS // n_params)
+    acc = {k: torch.zeros_like(params[k], memory_format=torch.contiguous_format).detach() for k in names}
+    n = 0
+    for G in _per_sample_gradient_chunks(model, batch, names, loss_fn or default_loss_fn, chunk):
+        for k in names:
+            acc[k] += G[k].square().sum(0)
+        n += next(iter(G.values())).shape[0] if G else 0
+    return {k: a / max(n, 1) for k, a in acc.items()}
 
 
 def rademacher_like(params: Mapping[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -353,7 +383,7 @@ def hutchinson_diagonal(model: nn.Module, batch: tuple[Any, Any], probes: int | 
         torch.Size([2, 2])
     """
     params, _ = _state(model)
-    names = list(param_names) if param_names is not None else [n for n, p in params.items() if p.is_floating_point()]
+    names = _names(model, param_names)
     if isinstance(probes, int):
         if probes < 1:
             raise ValueError(f"probes must be >= 1, got {probes}")

@@ -210,3 +210,13 @@ def test_scores_cover_every_parameter_with_its_shape_and_dtype():
     assert list(s) == list(params)
     assert all(s[n].shape == p.shape and s[n].dtype == p.dtype for n, p in params.items())
     assert all(math.isfinite(float(v.abs().max())) for v in s.values())
+
+
+def test_fisher_accumulated_in_chunks_equals_one_chunk(monkeypatch):
+    import oba_fx.scoring as scoring
+
+    model, data, _ = dense_case("self_attention")
+    whole = score(model, data, criterion="obd_fisher", progress=False)
+    monkeypatch.setattr(scoring, "FISHER_CHUNK_ELEMENTS", 200)  # two samples per chunk
+    chunked = score(model, data, criterion="obd_fisher", progress=False)
+    assert all(relative_error(chunked[n], whole[n]) < 1e-12 for n in whole)
