@@ -15,6 +15,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -297,3 +298,18 @@ def math_attention():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([SDPBackend.MATH])
+
+
+#: every toy model in eval mode, plus the BatchNorm model in train mode
+CASES = [(name, "eval") for name in TOY_MODELS] + [("res_bn_cnn", "train")]
+IDS = [f"{n}-{m}" for n, m in CASES]
+
+
+@pytest.fixture(autouse=True)
+def one_thread_per_test():
+    """Tiny models: one thread avoids oversubscription on the shared 2-core machine (import this
+    fixture into a test module to use it)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

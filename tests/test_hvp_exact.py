@@ -14,23 +14,13 @@ import torch.nn.functional as F
 from torch.fx.passes.infra.pass_base import PassResult
 from torch.fx.passes.shape_prop import ShapeProp
 
-from hessian_oracle import (TOY_MODELS, batch_hessians, dense_case, finite_difference_check, flat_params,
+from hessian_oracle import (CASES, IDS, one_thread_per_test,  # noqa: F401
+                            TOY_MODELS, batch_hessians, dense_case, finite_difference_check, flat_params,
                             make_toy, math_attention, relative_error)
 from oba_fx.hvp import HVPProgram, build_hvp_program, fused_hvp
 from oba_fx.passes.hvp_codegen import HVPCodegen
 
 RTOL = 1e-8
-CASES = [(name, "eval") for name in TOY_MODELS] + [("res_bn_cnn", "train")]
-IDS = [f"{n}-{m}" for n, m in CASES]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread avoids oversubscription on the shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _flat(fp, tensors):

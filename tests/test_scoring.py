@@ -11,22 +11,13 @@ import math
 import pytest
 import torch
 
-from hessian_oracle import TOY_MODELS, dense_case, empirical_fisher_diag, hadamard, make_toy, relative_error
+from hessian_oracle import (CASES, IDS, TOY_MODELS, dense_case, empirical_fisher_diag, hadamard, make_toy,  # noqa: F401
+                            one_thread_per_test, relative_error)
 from oba_fx.hvp import HVPProgram
 from oba_fx.passes.hvp_codegen import HVPCodegen
 from oba_fx.scoring import CRITERIA, hutchinson_diagonal, score
 
 RTOL = 1e-8
-CASES = [(name, "eval") for name in TOY_MODELS] + [("res_bn_cnn", "train")]
-IDS = [f"{n}-{m}" for n, m in CASES]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _flat_score(fp, s):
