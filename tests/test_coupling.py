@@ -152,3 +152,26 @@ def test_classifier_outputs_are_never_pruned():
     m = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
     out = oba_fx.prune_graph(m, torch.randn(2, 4), channel_ratio=0.5)
     assert out.get_submodule("2").out_features == 3
+
+
+def test_batched_matmul_over_heads_prunes_whole_heads():
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v, self.proj = (nn.Linear(8, 8) for _ in range(4))
+
+        def forward(self, x):
+            b, n, _ = x.shape
+
+            def heads(t):
+                return t.reshape(b, n, 4, 2).permute(0, 2, 1, 3)
+
+            a = torch.softmax(heads(self.q(x)) @ heads(self.k(x)).transpose(-1, -2), dim=-1)
+            return self.proj((a @ heads(self.v(x))).permute(0, 2, 1, 3).reshape(b, n, 8))
+
+    torch.manual_seed(0)
+    out = oba_fx.prune_graph(Attn().eval(), torch.randn(2, 5, 8), channel_ratio=0.5)
+    kept = out.meta["oba"]["kept"]["q.weight"][0]
+    assert len(kept) == 4  # 2 of 4 heads of 2 channels, each head whole:
+    assert all(k % 2 == 0 and k2 == k + 1 for k, k2 in zip(kept[::2], kept[1::2]))
+    assert out.meta["oba"]["max_rel_error"] <= 1e-4

@@ -20,43 +20,41 @@ def couple_broadcast(ctx: Ctx, args: list[Any] | None = None) -> None:
     if out is None:
         return ctx.set(EMPTY)
     args = _tensor_args(ctx.node) if args is None else args
-    nd = len(out)
-    spaces: list[Space] = []
-    for d in range(nd):
-        tied: list[Space] = []
-        blocked = False
-        for a in args:
-            sh = _shape(a)
-            ad = d - (nd - len(sh))
-            if ad < 0:
-                continue
-            s = _ts(a).at(ad)
-            if sh[ad] != out[d]:  # broadcast from size 1
-                ctx.b.pin(s)
-                continue
-            if s is None:
-                blocked = blocked or out[d] > 1
-            else:
-                tied.append(s)
-        if not tied:
-            continue
-        if blocked:  # an operand we cannot slice spans this dim
-            for s in tied:
-                ctx.b.pin(s)
-            continue
-        o = ctx.new(d)
-        for s in tied:
-            ctx.b.union(s, o)
-        spaces.append(o)
+    spaces = [o for d in range(len(out)) if (o := broadcast_dim(ctx, args, d)) is not None]
     ctx.set(TensorSpaces(tuple(spaces)))
 
 
-def couple_first(ctx: Ctx) -> None:
-    """Same shape as the first argument, index by index (contiguous, clone, to, ...)."""
-    src = ctx.node.args[0]
-    if _shape(src) != ctx.out_shape:
-        return ctx.barrier("output shape differs from input shape")
-    ctx.set(TensorSpaces(tuple(ctx.dim_map(src, {d: d for d in range(len(ctx.out_shape))}).values())))
+def broadcast_dim(ctx: Ctx, args: list[Any], d: int) -> Space | None:
+    """The output space of dim ``d`` of a broadcasting op over ``args`` (aligned from the
+    right), tied to every operand's space there; ``None`` when there is none. An operand that
+    broadcasts from size 1 has its space pinned; an operand without a space spanning the dim
+    pins the others (it could not be sliced)."""
+    out = ctx.out_shape
+    nd = len(out)
+    tied: list[Space] = []
+    blocked = False
+    for a in args:
+        sh = _shape(a)
+        ad = d - (nd - len(sh))
+        if ad < 0:
+            continue
+        s = _ts(a).at(ad)
+        if sh[ad] != out[d]:  # broadcast from size 1
+            ctx.b.pin(s)
+        elif s is None:
+            blocked = blocked or out[d] > 1
+        else:
+            tied.append(s)
+    if not tied:
+        return None
+    if blocked:
+        for s in tied:
+            ctx.b.pin(s)
+        return None
+    o = ctx.new(d)
+    for s in tied:
+        ctx.b.union(s, o)
+    return o
 
 
 def couple_keep_dims(keep: Callable[[int], bool]) -> Callable[[Ctx], None]:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from .. import meta as M
 from ..coupling import EMPTY, Space, TensorSpaces
 from .base import Ctx, FlopCtx, OpRule, SlimCtx, _arg, _numel, _register, _shape, _spaces, _tensor_args, _ts
-from .generic import _norm_dims, _size_args, couple_reshape, slim_sizes
+from .generic import broadcast_dim, _norm_dims, _size_args, couple_reshape, slim_sizes
 
 
 # ============================================================================ shape ops
@@ -279,26 +279,9 @@ def _couple_matmul(ctx: Ctx) -> None:
             o = ctx.new(od)
             ctx.b.union(src, o)
             spaces.append(o)
-    for d in range(nd - 2):  # batch dims broadcast
-        tied, blocked = [], False
-        for x, sx in ((a, sa), (b, sb)):
-            xd = d - (nd - len(sx))
-            if xd < 0:
-                continue
-            s = _ts(x).at(xd)
-            if sx[xd] != so[d]:
-                ctx.b.pin(s)
-            elif s is None:
-                blocked = blocked or so[d] > 1
-            else:
-                tied.append(s)
-        if tied and blocked:
-            for s in tied:
-                ctx.b.pin(s)
-        elif tied:
-            o = ctx.new(d)
-            for s in tied:
-                ctx.b.union(s, o)
+    for d in range(nd - 2):  # batch dims broadcast like an elementwise op
+        o = broadcast_dim(ctx, [a, b], d)
+        if o is not None:
             spaces.append(o)
     ctx.set(TensorSpaces(tuple(spaces)))
 
