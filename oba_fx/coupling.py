@@ -87,6 +87,21 @@ EMPTY = TensorSpaces()
 
 
 @dataclass(frozen=True)
+class Heads:
+    """The attention heads of one attention op: ``space`` has one index per head.
+
+    Attributes:
+        node: the attention node (``scaled_dot_product_attention``, a softmax over scores, ...).
+        module: qualified name of the module whose ``forward`` holds it (``""`` at the root).
+        space: the head space (its units say which heads are removed together).
+    """
+
+    node: str
+    module: str
+    space: Space
+
+
+@dataclass(frozen=True)
 class Barrier:
     """A node whose channels were made unprunable, and why."""
 
@@ -116,6 +131,7 @@ class Coupling:
         primary: ids of primary spaces (a layer's own channel dims; they are scored).
         param_spaces: ``(qualified attribute name, dim) -> Space``.
         barriers: nodes that blocked pruning, with the reason.
+        heads: the attention ops found, with their head spaces (for reports).
     """
 
     spaces: tuple[Space, ...]
@@ -127,6 +143,7 @@ class Coupling:
     primary: frozenset[int]
     param_spaces: Mapping[tuple[str, int], Space]
     barriers: tuple[Barrier, ...]
+    heads: tuple[Heads, ...] = ()
 
     @property
     def n_groups(self) -> int:
@@ -156,6 +173,7 @@ class Builder:
         self._param: dict[tuple[str, int], Space] = {}
         self.primary: set[int] = set()
         self.barriers: list[Barrier] = []
+        self.heads: list[Heads] = []
 
     # -- spaces --------------------------------------------------------------------------
     def _new(self, kind: str, owner: str, dim: int, size: int) -> Space:
@@ -203,6 +221,13 @@ class Builder:
         for s in iter_spaces(ts):
             self.pin(s)
 
+    def mark_heads(self, node: torch.fx.Node, space: Space | None) -> None:
+        """Record ``space`` as the head dimension of the attention op ``node``."""
+        if space is not None:
+            stack = node.meta.get("nn_module_stack") or {}
+            module = next(reversed(stack.values()))[0] if stack else ""
+            self.heads.append(Heads(node.name, str(module), space))
+
     def barrier(self, node: torch.fx.Node, reason: str) -> None:
         self.barriers.append(Barrier(node.name, node.op, _target_name(node.target), reason))
 
@@ -234,6 +259,7 @@ class Builder:
             primary=frozenset(self.primary),
             param_spaces=dict(self._param),
             barriers=tuple(self.barriers),
+            heads=tuple(self.heads),
         )
 
 
@@ -263,22 +289,42 @@ def analyze(gm: torch.fx.GraphModule, *, frozen_modules: Iterable[str] = ()) -> 
         frozen_modules: qualified module names whose parameters must stay untouched
             (``ignore=`` of :func:`oba_fx.prune_graph`): all their spaces are pinned.
     """
+    choice: dict[tuple[str, int], int] = {}
+    for _ in range(8):  # each round moves some splits one dim inwards; a few rounds at most
+        c, splits = _analyze_once(gm, frozen_modules, choice)
+        moved = False
+        for key, n_vary, space in splits:
+            if choice.get(key, 0) + 1 < n_vary and c.pinned[c.units_of(space)].all():
+                choice[key] = choice.get(key, 0) + 1
+                moved = True
+        if not moved:
+            return c
+    return c
+
+
+def _analyze_once(gm: torch.fx.GraphModule, frozen_modules: Iterable[str],
+                  choice: dict[tuple[str, int], int]) -> tuple[Coupling, list]:
     from .ops import apply_rule  # ops imports this module
 
     b = Builder()
-    state = _State()
+    state = _State(split_choice=dict(choice))
     for node in gm.graph.nodes:
         apply_rule(gm, node, b, state)
     frozen = tuple(frozen_modules)
     for (name, _dim), s in b._param.items():
         if any(name == f or name.startswith(f + ".") for f in frozen):
             b.pin(s)
-    return b.build()
+    return b.build(), state.splits
 
 
 @dataclass
 class _State:
-    """Per-analysis scratch: size values that carry channel counts (``x.shape[1]``)."""
+    """Per-analysis scratch: size values that carry channel counts (``x.shape[1]``), and the
+    reshape split choices."""
 
     taint: dict[str, frozenset[int]] = field(default_factory=dict)
     size_vec: dict[str, tuple[frozenset[int], ...]] = field(default_factory=dict)
+    #: (reshape node, input dim) -> which varying output dim carries the space (0 = outermost)
+    split_choice: dict[tuple[str, int], int] = field(default_factory=dict)
+    #: splits with a choice: (key, number of varying dims, the chosen output space)
+    splits: list = field(default_factory=list)

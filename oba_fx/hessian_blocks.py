@@ -8,6 +8,9 @@
   reaches ``v`` (**parallel**; a layer reaching both operands gets its own block, a self-loop);
 * a smooth op (GELU, sigmoid, softmax, LayerNorm, train-mode BatchNorm, ...) mixes every pair of
   layers that reach its input, itself included (parallel and self-loops);
+* attention ``softmax(q kᵀ + mask) v`` is smooth in (q, k, mask) and linear in v: every pair
+  reaching q, k or the mask, and each of those with every layer reaching v (**parallel**), but
+  no pair reaching only v;
 * piecewise-linear and linear ops (ReLU, max-pool, add, reshape, cat) contribute nothing;
 * an op without a rule in the op table is assumed to mix everything it reads (never a false zero).
 
@@ -48,6 +51,24 @@ def _layer_of(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str | None:
         if any(p.requires_grad for p in m.parameters(recurse=True)):
             return node.target
     return None
+
+
+def _is_size(node: torch.fx.Node) -> bool:
+    if node.op == "call_function" and node.target is getattr:
+        return True
+    if node.op == "call_method" and node.target in ("size", "dim", "numel", "ndimension"):
+        return True
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], torch.fx.Node):
+        return _is_size(node.args[0])
+    return False
+
+
+def _attention_scores_inputs(node: torch.fx.Node) -> list[Any]:
+    """Query, key and attention mask of a ``scaled_dot_product_attention`` call."""
+    names = ("query", "key", "value", "attn_mask")
+    vals = list(node.args) + [None] * (4 - len(node.args))
+    vals = [vals[i] if vals[i] is not None else node.kwargs.get(n) for i, n in enumerate(names)]
+    return [vals[0], vals[1], vals[3]]
 
 
 def block_structure(gm: torch.fx.GraphModule) -> nx.Graph:
@@ -94,6 +115,9 @@ def block_structure(gm: torch.fx.GraphModule) -> nx.Graph:
         ins = list(node.all_input_nodes) if node.op != "get_attr" else []
         in_sets = [ups(a) for a in ins]
         reach = frozenset().union(*in_sets) if in_sets else frozenset()
+        if _is_size(node):  # x.shape, x.size(1), ...: integers, no derivative
+            up[node.name] = frozenset()
+            continue
         rule = rule_for_node(gm, node) if node.op != "get_attr" else None
         curv = rule.curvature if rule is not None else ("none" if node.op == "get_attr" else "unknown")
         if node.op == "call_module" and curv == "layer":
@@ -102,8 +126,16 @@ def block_structure(gm: torch.fx.GraphModule) -> nx.Graph:
                 curv = "smooth+layer"
         if curv in ("smooth", "unknown", "smooth+layer"):
             mix(in_sets, cross_only=False)
+        elif curv == "attention":  # softmax(q kᵀ + mask) v: smooth in (q, k, mask), linear in v
+            qk = frozenset().union(*(ups(a) for a in _attention_scores_inputs(node)))
+            v = ups(node.args[2]) if len(node.args) > 2 else ups(node.kwargs.get("value"))
+            mix([qk], cross_only=False)
+            mix([qk, v], cross_only=True)
+            for a in qk & v:
+                add(a, a, "parallel")
         elif curv == "bilinear":
-            operands = list(node.args[:2]) if len(node.args) >= 2 else ins
+            tensors = [a for a in node.args if isinstance(a, torch.fx.Node)]
+            operands = tensors[:2] if len(tensors) >= 2 else ins
             operand_sets = [ups(a) for a in operands]
             params = [_layer_of(gm, a) for a in operands if isinstance(a, torch.fx.Node) and a.op == "get_attr"]
             if len(operands) == 2 and any(params):  # parameter * activation: that parameter's series term

@@ -217,13 +217,26 @@ def _fused_eager(model: nn.Module, names: Sequence[str], loss_fn: LossFn, hessia
             t = torch.zeros_like(z_p) if z_t is None else z_t.detach()
             (hz,) = torch.autograd.grad(c, logits, grad_outputs=t)
             c = fwAD.make_dual(c.detach(), hz)
-        gs = torch.autograd.grad(z, list(leaves.values()), grad_outputs=c, allow_unused=True)
+        gs = _pull_back(z, list(leaves.values()), c)
         grads, hvps = {}, {}
         for n, g in zip(names, gs):
             primal, tangent = fwAD.unpack_dual(g) if g is not None else (None, None)
             grads[n] = torch.zeros_like(leaves[n]) if primal is None else primal.detach()
             hvps[n] = torch.zeros_like(leaves[n]) if tangent is None else tangent.detach()
     return loss.detach(), grads, hvps
+
+
+def _pull_back(z: torch.Tensor, leaves: list[torch.Tensor], c: torch.Tensor):
+    """``Jᵀ c`` on dual tensors. Some backward kernels (SiLU's, Mish's in torch 2.14.1) have no
+    forward-mode formula; with ``create_graph`` autograd runs their differentiable
+    decompositions instead (same numbers, more memory), so that is the fallback."""
+    try:
+        return torch.autograd.grad(z, leaves, grad_outputs=c, allow_unused=True, retain_graph=True)
+    except NotImplementedError as e:
+        if "forward AD" not in str(e):
+            raise
+        log.info("retrying the backward with create_graph=True (%s)", e)
+        return torch.autograd.grad(z, leaves, grad_outputs=c, allow_unused=True, create_graph=True)
 
 
 def fused_hvp(model: nn.Module, batch: tuple[Any, Any], *, param_names: Sequence[str] | None = None,

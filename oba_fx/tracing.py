@@ -20,6 +20,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
+from . import attention
 from .errors import TraceError
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -57,8 +58,13 @@ def _user_frame(tb) -> str | None:
 
 
 def trace(model: nn.Module, *, leaf_modules: Iterable[type | str] = (),
-          concrete_args: dict[str, Any] | None = None) -> torch.fx.GraphModule:
+          concrete_args: dict[str, Any] | None = None, lower_attention: bool = True) -> torch.fx.GraphModule:
     """Trace a deep copy of ``model`` (the user's model is never touched).
+
+    With ``lower_attention`` every ``nn.MultiheadAttention`` of the copy (unless listed in
+    ``leaf_modules``) is traced as :class:`oba_fx.attention.MultiheadAttention` (same parameters,
+    same result), whose heads can be pruned; the unused attention weights it would return are
+    dropped from the graph.
 
     Raises:
         TraceError: naming the module being traced and the user's source line, with the ways
@@ -72,6 +78,7 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[type | str] = (),
         gm.meta.clear()
         return gm
     tracer = LeafTracer(leaf_modules)
+    lowered = attention.lower_attention(root, tracer.leaf_names, tracer.leaf_types) if lower_attention else []
     try:
         graph = tracer.trace(root, concrete_args=concrete_args)
     except Exception as e:
@@ -79,7 +86,9 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[type | str] = (),
         where = f"module {stack[-1]!r}" if stack and stack[-1] else f"model {type(model).__name__}"
         raise TraceError(where, f"{type(e).__name__}: {e}", _user_frame(e.__traceback__)) from e
     name = type(root).__name__
-    return torch.fx.GraphModule(tracer.root, graph, name)
+    gm = torch.fx.GraphModule(tracer.root, graph, name)
+    attention.drop_dead_code(gm, lowered)
+    return gm
 
 
 def as_tuple(example_inputs: Any) -> tuple:

@@ -22,6 +22,7 @@ import torch.fx
 from tqdm.auto import tqdm
 
 from oba_fx import meta as M
+from oba_fx.attention import has_lowered_attention
 from oba_fx.masking import masked_reference
 from oba_fx.ops import count_flops
 from oba_fx.schedule import channel_ceiling, exponential_schedule, units_this_step
@@ -44,7 +45,15 @@ def analyze_model(model: torch.nn.Module, example_inputs: Sequence[Any], *, leaf
     structure."""
     gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
     check_inputs(gm, example_inputs)
-    ShapePropPass(example_inputs)(gm)
+    try:
+        ShapePropPass(example_inputs)(gm)
+    except Exception as e:
+        if not has_lowered_attention(gm):
+            raise
+        log.warning("the traced nn.MultiheadAttention stand-in does not run on these inputs (%s: %s); "
+                    "tracing again with nn.MultiheadAttention kept whole (its heads stay)", type(e).__name__, e)
+        gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args, lower_attention=False)
+        ShapePropPass(example_inputs)(gm)
     CouplingPass(frozen_modules)(gm)
     HessianStructurePass()(gm)
     return gm
@@ -89,9 +98,36 @@ def report(gm, out, c, sel, target: Target, err: float | None) -> dict:
         "groups": c.n_groups,
         "kept": kept,
         "barriers": [{"node": b.node, "op": b.op, "target": b.target, "reason": b.reason} for b in c.barriers],
+        "heads": heads_report(c, sel.removed),
         "max_rel_error": err,
         "steps": 1,
     }
+
+
+def heads_report(c, removed) -> dict[str, list[int]]:
+    """``{attention module (or node): [heads before, heads after]}``.
+
+    Example:
+        >>> import torch, oba_fx
+        >>> _ = torch.manual_seed(0)
+        >>> class Net(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.attn = torch.nn.MultiheadAttention(8, 4, batch_first=True)
+        ...         self.head = torch.nn.Linear(8, 2)
+        ...     def forward(self, x):
+        ...         return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
+        >>> out = oba_fx.prune_graph(Net(), torch.randn(2, 5, 8), criterion="l1", channel_ratio=0.7)
+        >>> out.meta["oba"]["heads"]
+        {'attn': [4, 3]}
+    """
+    out: dict[str, list[int]] = {}
+    for h in c.heads:
+        key = h.module or h.node
+        if key in out:
+            key = f"{key}:{h.node}"
+        out[key] = [h.space.size, int(c.kept(h.space, removed).size)]
+    return out
 
 
 def compose_kept(first: dict, second: dict) -> dict:
@@ -148,7 +184,8 @@ def run(model: torch.nn.Module, example_inputs: Sequence[Any], score_fn: Callabl
         if budget is not None and now <= budget:
             break
     r = dict(out.meta[M.REPORT])
-    r.update(flops_before=first["flops_before"], params_before=first["params_before"], kept=kept,
+    heads = {k: [first["heads"].get(k, v)[0], v[1]] for k, v in r["heads"].items()}
+    r.update(flops_before=first["flops_before"], params_before=first["params_before"], kept=kept, heads=heads,
              units_prunable=first["units_prunable"], units_removed=removed, steps=t)
     out.meta[M.REPORT] = r
     return out

@@ -248,6 +248,56 @@ class SEGate(nn.Module):
         return self.head(F.adaptive_avg_pool2d(h, 1).flatten(1))
 
 
+def _split_heads(t: torch.Tensor, heads: int, d_head: int) -> torch.Tensor:
+    """(B, N, heads * d_head) -> (B, heads, N, d_head)."""
+    return t.reshape(t.shape[0], t.shape[1], heads, d_head).transpose(1, 2)
+
+
+def _merge_heads(t: torch.Tensor, d: int) -> torch.Tensor:
+    """(B, heads, N, d_head) -> (B, N, d)."""
+    t = t.transpose(1, 2)
+    return t.reshape(t.shape[0], t.shape[1], d)
+
+
+class AttentionOnly(nn.Module):
+    """Separate q, k, v Linears on the input, 2-head ``F.scaled_dot_product_attention``, out
+    Linear, mean over tokens, head. No LayerNorm and no residual, so the blocks are sparse: q and
+    k reach the softmax (q–q, k–k, q–k), q, k and v meet in ``A @ v`` (q–v, k–v), and v reaches
+    only the value operand and the linear path after it (v–v is an exact zero)."""
+
+    def __init__(self, d: int = 4, heads: int = 2, classes: int = 3) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.out = (nn.Linear(d, d) for _ in range(4))
+        self.head = nn.Linear(d, classes)
+        self.d, self.heads = d, heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (_split_heads(f(x), self.heads, self.d // self.heads) for f in (self.q, self.k, self.v))
+        a = _merge_heads(F.scaled_dot_product_attention(q, k, v), self.d)
+        return self.head(self.out(a).mean(1))
+
+
+class TransformerBlock(nn.Module):
+    """A pre-norm transformer block: LayerNorm, separate q, k, v Linears, 2-head
+    ``F.scaled_dot_product_attention``, out Linear, residual; LayerNorm, Linear–GELU–Linear MLP,
+    residual; mean over tokens, head. Attention, softmax, LayerNorm and GELU curvature in one model."""
+
+    def __init__(self, d: int = 4, hidden: int = 6, heads: int = 2, classes: int = 3) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.q, self.k, self.v, self.out = (nn.Linear(d, d) for _ in range(4))
+        self.fc1, self.fc2 = nn.Linear(d, hidden), nn.Linear(hidden, d)
+        self.head = nn.Linear(d, classes)
+        self.d, self.heads = d, heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ln1(x)
+        q, k, v = (_split_heads(f(h), self.heads, self.d // self.heads) for f in (self.q, self.k, self.v))
+        x = x + self.out(_merge_heads(F.scaled_dot_product_attention(q, k, v), self.d))
+        x = x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+        return self.head(x.mean(1))
+
+
 def _randomise_bn(model: nn.Module, gen: torch.Generator) -> None:
     """Non-trivial BN affine parameters and running statistics (so eval ≠ train mode)."""
     for m in model.modules():
@@ -267,6 +317,8 @@ TOY_MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int]] = {
     "gelu_layernorm": (GeluLNBlock, (4,), 3),
     "self_attention": (SelfAttention, (3, 4), 3),
     "se_gate": (SEGate, (2, 4, 4), 3),
+    "attention_only": (AttentionOnly, (3, 4), 3),
+    "transformer_block": (TransformerBlock, (3, 4), 3),
 }
 
 

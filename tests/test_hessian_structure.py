@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import oba_fx
-from hessian_oracle import dense_case, math_attention
+from hessian_oracle import dense_case, math_attention, one_thread_per_test  # noqa: F401
 
 CASES = [("tanh_mlp", "eval"), ("res_bn_cnn", "eval"), ("res_bn_cnn", "train"), ("gelu_layernorm", "eval"),
-         ("self_attention", "eval"), ("se_gate", "eval")]
+         ("self_attention", "eval"), ("se_gate", "eval"), ("attention_only", "eval"), ("transformer_block", "eval")]
 
 
 def _blocks(name, mode):
@@ -74,3 +74,19 @@ def test_attention_has_parallel_qk_and_qkv_blocks():
     G = _structure(model, data, "eval")
     assert G.edges["q", "k"]["kind"] == "parallel" and G.has_edge("q", "v") and G.has_edge("k", "v")
     assert not G.has_edge("v", "v")  # v reaches only one operand of A @ v and no smooth op
+
+
+def test_sdpa_has_qk_and_qkv_blocks_and_no_vv_block():
+    """q, k, v Linears feeding ``F.scaled_dot_product_attention`` directly (no LayerNorm, no
+    residual): among q, k and v the declared blocks are exactly q–q, k–k, q–k, q–v, k–v, with the
+    three cross blocks parallel, and these are exactly the non-zero ones of the dense H_F (v–v,
+    linear in the value operand and after it, is an exact zero)."""
+    model, data, _, norms, scale = _blocks("attention_only", "eval")
+    expected = {("q", "q"), ("k", "k"), ("q", "k"), ("q", "v"), ("k", "v")}
+    pairs = list(itertools.combinations_with_replacement(["q", "k", "v"], 2))
+    dense_nonzero = {(a, b) for a, b in pairs if norms[a, b] > 1e-8 * scale}
+    assert dense_nonzero == expected, f"dense H_F non-zero blocks among q, k, v: {sorted(dense_nonzero)}"
+    G = _structure(model, data, "eval")
+    declared = {(a, b) for a, b in pairs if G.has_edge(a, b)}
+    assert declared == expected, f"declared blocks among q, k, v: {sorted(declared)}"
+    assert all(G.edges[a, b]["kind"] == "parallel" for a, b in [("q", "k"), ("q", "v"), ("k", "v")])

@@ -15,6 +15,7 @@ Curvature classes (used by the Hessian-structure analysis):
     ``"piecewise"`` piecewise linear, zero second derivative almost everywhere: ReLU, max-pool.
     ``"bilinear"``  product of two inputs: mul, div, matmul.
     ``"smooth"``    non-zero second derivative: GELU, sigmoid, softmax, LayerNorm.
+    ``"attention"`` ``softmax(q kᵀ) v``: smooth in (q, k), linear in v, bilinear across.
     ``"none"``      does not carry tensors (size arithmetic).
 
 Example:
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import torch  # noqa: F401  (used by the examples above)
 
-from . import elementwise, layers, shapes  # noqa: F401  (importing registers the rules)
+from . import attention, elementwise, layers, shapes  # noqa: F401  (importing registers the rules)
 from .base import (FUNCTION_RULES, METHOD_RULES, MODULE_RULES, Ctx, FlopCtx, OpRule, SlimCtx, _shape,
                    _tensor_args, new_shape, rule_for_function, rule_for_module, rule_for_node, slice_attr)
 from .driver import apply_rule, count_flops, slim_node

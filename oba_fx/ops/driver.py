@@ -75,53 +75,9 @@ def count_flops(gm: torch.fx.GraphModule, shape_fn: Callable[[Any], tuple] | Non
         if rule is None or rule.flops is None or _shape(node) is None:
             if rule is None and node.op == "call_module":
                 total += _leaf_module_flops(gm, node, shape_fn)
-            elif rule is None and node.op == "call_function":
-                total += _barrier_function_flops(node, shape_fn)
             continue
         total += int(rule.flops(FlopCtx(gm, node, shape_fn)))
     return total
-
-
-try:  # a torch.fx-wrapped function: one opaque call holding Swin's qkv / output projections
-    from torchvision.models.swin_transformer import shifted_window_attention as _shifted_window_attention
-except ImportError:  # pragma: no cover
-    _shifted_window_attention = None
-
-
-def _barrier_function_flops(node, shape_fn) -> int:
-    """FLOPs of a function without a rule (a barrier) that does the work of layers, as fvcore
-    counts it:
-
-    * torchvision's ``shifted_window_attention`` (Swin): over the tokens of the input padded to
-      whole windows, ``T = B * pad_H * pad_W``, the qkv and output projections ``T * C * 4C`` plus
-      the two attention matmuls ``2 * T * N * C`` (``N`` tokens per window);
-    * a two-operand contracting ``torch.einsum`` (MaxViT's attention): the product of the sizes of
-      all its indices.
-    """
-    if _shifted_window_attention is not None and node.target is _shifted_window_attention:
-        x, ws = shape_fn(node.args[0]), _arg(node, 4, "window_size")
-        if x is None or ws is None or len(x) != 4:
-            return 0
-        b, h, w, c = x
-        t = b * -(-h // ws[0]) * ws[0] * -(-w // ws[1]) * ws[1]
-        return t * c * 4 * c + 2 * t * ws[0] * ws[1] * c
-    if node.target is torch.einsum and node.args and isinstance(node.args[0], str):
-        eq = node.args[0].replace(" ", "")
-        ops = [a for a in node.args[1:] if isinstance(a, torch.fx.Node)]
-        if "->" not in eq or "." in eq or len(ops) != 2:
-            return 0
-        ins, out = eq.split("->")
-        terms = ins.split(",")
-        size: dict[str, int] = {}
-        for term, a in zip(terms, ops):
-            sh = shape_fn(a)
-            if sh is None or len(sh) != len(term):
-                return 0
-            size.update(zip(term, sh))
-        if not set(size) - set(out):  # nothing summed: not a contraction
-            return 0
-        return math.prod(size.values())
-    return 0
 
 
 def _leaf_module_flops(gm, node, shape_fn) -> int:

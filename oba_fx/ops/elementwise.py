@@ -9,7 +9,7 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import FlopCtx, OpRule, _arg, _numel, _register
+from .base import FlopCtx, OpRule, _arg, _numel, _register, _ts
 from .generic import couple_broadcast, couple_pin_dim, couple_reduce, couple_spatial
 
 
@@ -103,8 +103,21 @@ REDUCE = _register(
     functions=(torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var, torch.logsumexp),
     methods=("mean", "sum", "amax", "amin", "std", "var", "logsumexp"),
 )
+_couple_softmax_dim = couple_pin_dim((1, "dim"))
+
+
+def _couple_softmax(ctx) -> None:
+    """Softmax mixes its dim; over the last dim of ``(..., heads, L, S)`` scores it is the
+    softmax of a hand-written attention, whose head space is recorded for the report."""
+    _couple_softmax_dim(ctx)
+    nd = len(ctx.out_shape)
+    d = ctx.arg(1, "dim")
+    if ctx.node.target is not F.normalize and nd >= 4 and isinstance(d, int) and d % nd == nd - 1:
+        ctx.b.mark_heads(ctx.node, _ts(ctx.node).at(nd - 3))
+
+
 SOFTMAX = _register(
-    OpRule("softmax", couple_pin_dim((1, "dim")), None, None, "smooth"),
+    OpRule("softmax", _couple_softmax, None, None, "smooth"),
     functions=(F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, F.normalize),
     methods=("softmax", "log_softmax"),
 )

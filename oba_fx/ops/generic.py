@@ -166,7 +166,12 @@ def reshape_groups(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[in
 def couple_reshape(ctx: Ctx, src: Any = None) -> None:
     """view/reshape/flatten: each space maps to the outermost output dim its index varies
     along; output indices that hold parts of one input index are tied to it (flatten ->
-    features c*HW..c*HW+HW-1; split into heads -> a head is one unit)."""
+    features c*HW..c*HW+HW-1; split into heads -> a head is one unit).
+
+    A split into several varying dims (``3*C -> (3, heads, head_dim)`` of a packed qkv) first
+    takes the outermost; when all of that choice's units end up pinned (``qkv[0]`` indexes the
+    ``3`` away), :func:`oba_fx.coupling.analyze` runs again with the next dim chosen
+    (``state.split_choice``), so the heads become the units."""
     src = ctx.node.args[0] if src is None else src
     ish, osh = _shape(src), ctx.out_shape
     groups = reshape_groups(ish, osh)
@@ -187,10 +192,13 @@ def couple_reshape(ctx: Ctx, src: Any = None) -> None:
             if not vary:
                 ctx.b.pin(s)
                 continue
-            k = vary[0]
+            key = (ctx.node.name, s.dim)
+            k = vary[min(ctx.state.split_choice.get(key, 0), len(vary) - 1)]
             od = go[k]
             o = out.get(od) or ctx.new(od)
             out[od] = o
+            if len(vary) > 1:
+                ctx.state.splits.append((key, len(vary), o))
             moved = np.moveaxis(val, k, 0).reshape(val.shape[k], -1)
             # out index j is tied to every input index in moved[j]
             cols = moved.shape[1]

@@ -337,9 +337,24 @@ def _couple_getitem(ctx: Ctx) -> None:
         elif isinstance(i, int):
             ctx.b.pin(s)
             d += 1
+        elif _single_gather(i, expanded):  # x[idx]: gathers along d, other dims pass
+            ctx.b.pin(s)
+            d += 1
+            od += len(_shape(i))
         else:
-            return ctx.barrier("indexing with a tensor or list on a tensor")
+            return ctx.barrier("indexing with a boolean mask, a list, or several tensors")
     ctx.set(TensorSpaces(tuple(spaces)))
+
+
+def _single_gather(i: Any, expanded: list) -> bool:
+    """``i`` is the only advanced index (an integer tensor) among slices: torch puts its dims
+    where it stands."""
+    if not isinstance(i, torch.fx.Node) or _shape(i) is None:
+        return False
+    tm = i.meta.get(M.TENSOR_META)
+    if tm is None or tm.dtype in (torch.bool, torch.uint8) or tm.dtype.is_floating_point:
+        return False
+    return all(x is i or isinstance(x, slice) or x is None for x in expanded)
 
 
 def _slim_getitem(ctx: SlimCtx) -> None:
