@@ -59,7 +59,7 @@ def prune_graph(model: nn.Module, example_inputs: Any, *, criterion: str = "l1",
                 max_batches: int | None = None, max_layer_ratio: float = 0.95, min_channels: int = 1,
                 steps: int = 1, bn_recalibration: bool = True, leaf_modules: Iterable[type | str] = (),
                 concrete_args: dict | None = None, verify: bool = True, rtol: float = 1e-4, seed: int = 0,
-                verbose: bool = True) -> torch.fx.GraphModule:
+                verbose: bool = True, embed_width: bool = False) -> torch.fx.GraphModule:
     """Prune ``model`` to a target and return a physically slimmed ``torch.fx.GraphModule``.
 
     The model is traced (a deep copy: ``model`` is never modified), every channel dimension is
@@ -94,6 +94,11 @@ def prune_graph(model: nn.Module, example_inputs: Any, *, criterion: str = "l1",
         rtol: tolerance of that comparison, relative to the largest output magnitude.
         seed: seed of the ``"random"`` criterion.
         verbose: progress bars over steps and calibration batches.
+        embed_width: also prune the channels LayerNorm / RMSNorm normalise: in a transformer,
+            the residual-stream width shared by the patch embedding, class token, position
+            embedding, every LayerNorm, every block's output projections and the head. Off by
+            default: a LayerNorm over fewer channels renormalises the kept ones, so removal is
+            not the zeroing the scores assume (the verification reference renormalises too).
 
     Returns:
         The slimmed GraphModule; ``compiled.meta["oba"]`` is the report (FLOPs and parameters
@@ -127,7 +132,8 @@ def prune_graph(model: nn.Module, example_inputs: Any, *, criterion: str = "l1",
         return param_scores(gm, criterion, data, **kw)
 
     out = run(model, inputs, score_fn, target, steps=int(steps), verify=verify, rtol=rtol, progress=verbose,
-              analysis={"leaf_modules": leaf_modules, "concrete_args": concrete_args, "frozen_modules": frozen})
+              analysis={"leaf_modules": leaf_modules, "concrete_args": concrete_args, "frozen_modules": frozen,
+                        "norm_width": embed_width})
     out.meta["oba"]["criterion"] = criterion
     out.meta["oba"]["bn_recalibrated"] = False
     if bn_recalibration and data is not None and any(

@@ -279,7 +279,7 @@ def _target_name(target: Any) -> str:
     return f"{mod}.{getattr(target, '__qualname__', getattr(target, '__name__', repr(target)))}".lstrip(".")
 
 
-def analyze(gm: torch.fx.GraphModule, *, frozen_modules: Iterable[str] = ()) -> Coupling:
+def analyze(gm: torch.fx.GraphModule, *, frozen_modules: Iterable[str] = (), norm_width: bool = False) -> Coupling:
     """Build the element-level coupling of a shape-propagated GraphModule.
 
     Writes ``node.meta["oba.spaces"]`` on every node and returns the :class:`Coupling`.
@@ -288,10 +288,12 @@ def analyze(gm: torch.fx.GraphModule, *, frozen_modules: Iterable[str] = ()) -> 
         gm: a GraphModule whose nodes carry ``tensor_meta`` (run shape propagation first).
         frozen_modules: qualified module names whose parameters must stay untouched
             (``ignore=`` of :func:`oba_fx.prune_graph`): all their spaces are pinned.
+        norm_width: couple the channels a LayerNorm / RMSNorm normalises instead of pinning
+            them (``embed_width=`` of :func:`oba_fx.prune_graph`: a transformer's residual width).
     """
     choice: dict[tuple[str, int], int] = {}
     for _ in range(8):  # each round moves some splits one dim inwards; a few rounds at most
-        c, splits = _analyze_once(gm, frozen_modules, choice)
+        c, splits = _analyze_once(gm, frozen_modules, choice, norm_width)
         moved = False
         for key, n_vary, space in splits:
             if choice.get(key, 0) + 1 < n_vary and c.pinned[c.units_of(space)].all():
@@ -303,11 +305,11 @@ def analyze(gm: torch.fx.GraphModule, *, frozen_modules: Iterable[str] = ()) -> 
 
 
 def _analyze_once(gm: torch.fx.GraphModule, frozen_modules: Iterable[str],
-                  choice: dict[tuple[str, int], int]) -> tuple[Coupling, list]:
+                  choice: dict[tuple[str, int], int], norm_width: bool) -> tuple[Coupling, list]:
     from .ops import apply_rule  # ops imports this module
 
     b = Builder()
-    state = _State(split_choice=dict(choice))
+    state = _State(split_choice=dict(choice), norm_width=norm_width)
     for node in gm.graph.nodes:
         apply_rule(gm, node, b, state)
     frozen = tuple(frozen_modules)
@@ -328,3 +330,5 @@ class _State:
     split_choice: dict[tuple[str, int], int] = field(default_factory=dict)
     #: splits with a choice: (key, number of varying dims, the chosen output space)
     splits: list = field(default_factory=list)
+    #: couple (rather than pin) the channels LayerNorm / RMSNorm normalise
+    norm_width: bool = False

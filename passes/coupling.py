@@ -19,6 +19,8 @@ class CouplingPass(PassBase):
 
     Args:
         frozen_modules: qualified names of modules whose parameters must not change.
+        norm_width: couple the channels LayerNorm / RMSNorm normalise (see
+            :func:`oba_fx.coupling.analyze`).
 
     Example:
         >>> import torch
@@ -29,12 +31,13 @@ class CouplingPass(PassBase):
         4
     """
 
-    def __init__(self, frozen_modules: Iterable[str] = ()) -> None:
+    def __init__(self, frozen_modules: Iterable[str] = (), norm_width: bool = False) -> None:
         super().__init__()
         self.frozen = tuple(frozen_modules)
+        self.norm_width = norm_width
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
-        c = analyze(gm, frozen_modules=self.frozen)
+        c = analyze(gm, frozen_modules=self.frozen, norm_width=self.norm_width)
         gm.meta[M.COUPLING] = c
         for b in c.barriers:
             log.info("barrier at %s (%s %s): %s", b.node, b.op, b.target, b.reason)

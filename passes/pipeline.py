@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 
 
 def analyze_model(model: torch.nn.Module, example_inputs: Sequence[Any], *, leaf_modules: Iterable = (),
-                  concrete_args: dict | None = None, frozen_modules: Iterable[str] = ()) -> torch.fx.GraphModule:
+                  concrete_args: dict | None = None, frozen_modules: Iterable[str] = (),
+                  norm_width: bool = False) -> torch.fx.GraphModule:
     """Trace a copy of ``model``, propagate shapes, compute the coupling and the Hessian block
     structure."""
     gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
@@ -54,7 +55,7 @@ def analyze_model(model: torch.nn.Module, example_inputs: Sequence[Any], *, leaf
                     "tracing again with nn.MultiheadAttention kept whole (its heads stay)", type(e).__name__, e)
         gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args, lower_attention=False)
         ShapePropPass(example_inputs)(gm)
-    CouplingPass(frozen_modules)(gm)
+    CouplingPass(frozen_modules, norm_width)(gm)
     HessianStructurePass()(gm)
     return gm
 
@@ -169,7 +170,7 @@ def run(model: torch.nn.Module, example_inputs: Sequence[Any], score_fn: Callabl
     bar = tqdm(exponential_schedule(p, steps), desc="pruning steps", disable=not progress, leave=False)
     for t, p_t in enumerate(bar, 1):
         if t > 1:
-            gm = analyze_model(out, example_inputs, leaf_modules=analysis.get("leaf_modules", ()))
+            gm = analyze_model(out, example_inputs, **{k: v for k, v in analysis.items() if k != "concrete_args"})
         k = units_this_step(p_t, n0, removed)
         last = t == steps
         out = prune(gm, example_inputs, score_fn(gm), target, verify=verify, rtol=rtol,

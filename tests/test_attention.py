@@ -258,3 +258,82 @@ def test_pruned_swin_saves_and_loads(tmp_path):
     _, x, out = _prune("swin", "oba")
     oba_fx.save(out, tmp_path / "swin.pt")
     torch.testing.assert_close(oba_fx.load(tmp_path / "swin.pt")(x), out(x))
+
+
+# ------------------------------------------------------------------ residual-stream width (embed_width=True)
+def _vit_width(embed_width):
+    torch.manual_seed(0)
+    model, x = _vit().eval(), torch.randn(2, 3, 32, 32)
+    return oba_fx.prune_graph(model, x, criterion="l1", target_flops=0.6, embed_width=embed_width, verbose=False)
+
+
+def test_residual_width_is_not_pruned_by_default():
+    kept = _vit_width(False).meta["oba"]["kept"]
+    assert not any(k in kept for k in ("class_token", "encoder.pos_embedding", "conv_proj.weight"))
+
+
+def test_embed_width_prunes_one_residual_width_across_the_vit():
+    """Patch embedding, class token, position embedding, every LayerNorm, every block's output
+    projections and the head's input lose the same channels; the slimmed net equals the masked
+    original whose LayerNorms renormalise over the kept channels."""
+    out = _vit_width(True)
+    kept, r = out.meta["oba"]["kept"], out.meta["oba"]
+    ref = kept["class_token"][2]
+    same = [kept["encoder.pos_embedding"][2], kept["conv_proj.weight"][0], kept["encoder.ln.weight"][0],
+            kept["heads.head.weight"][1]]
+    for i in range(2):
+        blk = f"encoder.layers.encoder_layer_{i}"
+        same += [kept[f"{blk}.ln_1.weight"][0], kept[f"{blk}.ln_2.weight"][0],
+                 kept[f"{blk}.self_attention.out_proj.weight"][0], kept[f"{blk}.mlp.3.weight"][0],
+                 kept[f"{blk}.self_attention.in_proj_weight"][1]]
+    assert len(ref) < 32 and all(k == ref for k in same)
+    assert r["max_rel_error"] < 1e-4 and out.encoder.ln.normalized_shape == (len(ref),)
+
+
+def test_masked_norm_reference_is_what_a_smaller_layer_norm_computes():
+    """Removing channels from a LayerNorm is not zeroing them: the reference renormalises."""
+    from oba_fx.masking import masked_norm
+
+    torch.manual_seed(0)
+    ln = nn.LayerNorm(6).eval()
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5)
+        ln.bias.uniform_(-1, 1)
+    x = torch.randn(3, 6)
+    keep = torch.tensor([1.0, 0, 1, 1, 0, 1])
+    idx = keep.nonzero().ravel()
+    small = F.layer_norm(x[:, idx], (4,), ln.weight[idx], ln.bias[idx], ln.eps)
+    torch.testing.assert_close(masked_norm(x * keep, keep, ln.weight, ln.bias, ln.eps, rms=False)[:, idx], small)
+    assert not torch.allclose(ln(x * keep)[:, idx], small, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["swin", "convnext", "maxvit"])
+def test_embed_width_prunes_and_verifies_other_transformers(name):
+    torch.manual_seed(0)
+    model, x = SMALL[name][0]().eval(), torch.randn(2, 3, 32, 32)
+    out = oba_fx.prune_graph(model, x, criterion="l1", target_flops=0.6, embed_width=True, verbose=False)
+    r = out.meta["oba"]
+    assert r["flops_after"] <= 0.6 * r["flops_before"] and r["max_rel_error"] < 1e-4 and r["barriers"] == []
+    assert r["units_prunable"] > _prune(name, "l1")[2].meta["oba"]["units_prunable"]  # the width joined
+
+
+# ------------------------------------------------------------------ the real torchvision models (-m zoo)
+@pytest.mark.zoo
+@pytest.mark.parametrize("criterion", ["l1", "oba"])
+@pytest.mark.parametrize("name", ["vit_b_16", "swin_t", "convnext_tiny", "maxvit_t"])
+def test_torchvision_transformers_prune_heads_and_neurons(name, criterion):
+    """Random weights, 224x224, one synthetic calibration batch of 2: the FLOPs drop to 70 %,
+    slimmed == masked (checked inside prune_graph), no barriers, heads reported per block."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name).eval()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 3, 224, 224, generator=gen)
+    data = [(torch.randn(2, 3, 224, 224, generator=gen), torch.randint(0, 1000, (2,), generator=gen))]
+    out = oba_fx.prune_graph(model, x, criterion=criterion, target_flops=0.7,
+                             data=None if criterion == "l1" else data, verbose=False)
+    r = out.meta["oba"]
+    assert r["flops_after"] <= 0.7 * r["flops_before"] and r["barriers"] == [] and r["max_rel_error"] < 1e-4
+    n_attention = {"vit_b_16": 12, "swin_t": 12, "convnext_tiny": 0, "maxvit_t": 22}[name]
+    assert len(r["heads"]) == n_attention

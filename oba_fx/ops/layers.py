@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import math
 
+from typing import Callable
+
 import numpy as np
+import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -211,18 +215,75 @@ GROUPNORM = _register(
     modules=(nn.GroupNorm,),
 )
 
+def _couple_norm(k_of: Callable[[Ctx], int]) -> Callable[[Ctx], None]:
+    """LayerNorm / RMSNorm: statistics over the last ``k`` dims, which are pinned; with the
+    ``norm_width`` analysis option and ``k == 1`` the normalised channels are coupled instead
+    (input, output, weight and bias), and removing one renormalises over the kept ones."""
+    mixed = couple_last_dims_mixed(k_of)
+
+    def couple(ctx: Ctx) -> None:
+        if not ctx.state.norm_width or k_of(ctx) != 1:
+            return mixed(ctx)
+        x = _tensor_args(ctx.node)[0]
+        nd = len(ctx.out_shape)
+        sp = ctx.dim_map(x, {d: d for d in range(nd)})
+        out = sp.get(nd - 1)
+        if out is None:
+            out = ctx.new(nd - 1)
+            ctx.b.pin(out)
+            sp[nd - 1] = out
+        for attr, dim in _norm_affine(ctx):
+            if isinstance(attr, str):
+                ctx.b.union(out, ctx.param(attr, dim, primary=True))
+            elif (s := _ts(attr).at(0)) is not None:
+                ctx.b.union(out, s)
+            else:
+                ctx.b.pin(out)
+        ctx.set(TensorSpaces(tuple(sp.values())))
+
+    return couple
+
+
+def _norm_affine(ctx: Ctx) -> list:
+    """The affine tensors of a norm: attribute names (module) or nodes (functional)."""
+    if ctx.node.op == "call_module":
+        return [(a, 0) for a in ("weight", "bias") if getattr(ctx.module, a, None) is not None]
+    return [(a, 0) for a in (ctx.arg(2, "weight"), ctx.arg(3, "bias")) if isinstance(a, torch.fx.Node)]
+
+
+def _slim_norm_module(ctx: SlimCtx) -> None:
+    m = ctx.module
+    for attr in ("weight", "bias"):
+        if getattr(m, attr, None) is not None:
+            slice_attr(m, attr, 0, ctx.param_kept(attr, 0))
+    new = ctx.new_shape(ctx.node)
+    k = len(m.normalized_shape)
+    m.normalized_shape = tuple(new[len(new) - k:])
+
+
+def _slim_norm_function(ctx: SlimCtx) -> None:
+    node = ctx.node
+    new = ctx.new_shape(node)
+    k = len(ctx.arg(1, "normalized_shape"))
+    shape = tuple(new[len(new) - k:])
+    if len(node.args) > 1:
+        node.args = (node.args[0], shape) + tuple(node.args[2:])
+    else:
+        node.kwargs = {**node.kwargs, "normalized_shape": shape}
+
+
 LAYERNORM = _register(
-    OpRule("layer_norm", couple_last_dims_mixed(lambda c: len(c.module.normalized_shape)), None,
+    OpRule("layer_norm", _couple_norm(lambda c: len(c.module.normalized_shape)), _slim_norm_module,
            lambda c: _numel(c.inp(0)) * (5 if c.module.elementwise_affine else 4), "smooth"),
     modules=(nn.LayerNorm,),
 )
 F_LAYERNORM = _register(
-    OpRule("layer_norm", couple_last_dims_mixed(lambda c: len(c.arg(1, "normalized_shape"))), None,
+    OpRule("layer_norm", _couple_norm(lambda c: len(c.arg(1, "normalized_shape"))), _slim_norm_function,
            lambda c: _numel(c.inp(0)) * (5 if _arg(c.node, 2, "weight") is not None else 4), "smooth"),
     functions=(F.layer_norm,),
 )
 RMSNORM = _register(
-    OpRule("rms_norm", couple_last_dims_mixed(lambda c: len(c.module.normalized_shape)), None, None, "smooth"),
+    OpRule("rms_norm", _couple_norm(lambda c: len(c.module.normalized_shape)), _slim_norm_module, None, "smooth"),
     modules=(nn.RMSNorm,) if hasattr(nn, "RMSNorm") else (),
 )
 
