@@ -33,7 +33,7 @@ import torch.nn as nn
 from torch.func import functional_call, grad, vmap
 
 from . import meta as M
-from .hvp import (HESSIAN_MODES, HVPProgram, LossFn, build_hvp_program, check_hessian, default_loss_fn,
+from .hvp import (HESSIAN_MODES, HVPProgram, _math_attention, LossFn, build_hvp_program, check_hessian, default_loss_fn,
                   fused_hvp)
 
 log = logging.getLogger(__name__)
@@ -293,7 +293,9 @@ def _per_sample_gradient_chunks(model: nn.Module, batch: tuple[Any, Any], names:
         per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
         scored = {n: params[n] for n in names}
         for i in range(0, x.shape[0], chunk):
-            yield per_sample(scored, x[i:i + chunk], y[i:i + chunk])
+            with _math_attention():  # the fused CPU attention kernel has no vmap rule
+                g = per_sample(scored, x[i:i + chunk], y[i:i + chunk])
+            yield g
         return
     leaves = {n: params[n].detach().requires_grad_() for n in names}
     bufs = {n: b.clone() for n, b in buffers.items()}
