@@ -224,10 +224,11 @@ def slim_sizes(start: int, fill: Callable[["SlimCtx", int], Any]) -> Callable[["
         node = ctx.node
         sizes, packed = _size_args(node, start)
         new_shape = ctx.new_shape(node)
+        old_shape = _shape(node)
         ts = ctx.ts(node)
         changed = False
         for d in ts.dims:
-            if d < len(sizes):
+            if d < len(sizes) and new_shape[d] != old_shape[d]:  # an unchanged size stays as written
                 v = fill(ctx, d) if fill else new_shape[d]
                 if sizes[d] != v:
                     sizes[d] = v
