@@ -49,7 +49,7 @@ import statistics
 import sys
 import time
 import traceback
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn

@@ -1,4 +1,4 @@
-"""Pruning quality on the pretrained thin ResNet-56 / CIFAR-10: one-shot, BN-recalibrated, fine-tuned.
+"""Pruning quality on CIFAR-10 (pretrained thin ResNet-56, or the small ViT): one-shot, BN-recalibrated, fine-tuned.
 
 For every (criterion, retained-FLOPs target r), starting each time from the dense pretrained model:
 
@@ -16,9 +16,25 @@ on the JPEG-degraded test set (``test``, first ``--test-limit`` images). Each ro
 achieved FLOPs and parameter fractions and the CPU latency speedup of the slimmed model over the
 dense one (median of interleaved timed forward passes of one batch, same process, same threads).
 
-Outputs (default folder ``benchmarks/results``): ``quality.json`` (settings, machine, date, all
-rows; rewritten after every cell), ``quality.png`` (accuracy vs retained FLOPs, one panel per
-stage), ``quality.md`` (tables and which criterion wins where, computed from the numbers).
+Outputs (default folder ``benchmarks/results``): ``<name>.json`` (settings, machine, date, all
+rows; rewritten after every cell), ``<name>.png`` (accuracy vs retained FLOPs, one panel per
+stage), ``<name>.md`` (tables and which criterion wins where, computed from the numbers). ``--name``
+defaults to ``quality`` for the ResNets and ``quality_vit`` for the ViT, so the two never overwrite
+each other.
+
+The ViT (``--model vit_cifar --weights CKPT``, a checkpoint of ``benchmarks/train_vit_cifar.py``,
+default ``benchmarks/results/vit_cifar.pt``; rebuilt with ``oba_fx.models.load_vit_cifar``):
+
+* default criteria ``oba-functional l1 taylor``;
+* no BatchNorm, so stage 2 would equal stage 1: it is skipped (the tables and the plot have no
+  BN-recal column/panel and the JSON says ``"bn_recal_skipped"``);
+* fine-tuning (``--optimizer``, default ``adamw`` for the ViT, ``sgd`` for the ResNets): AdamW,
+  ``--lr`` 1e-4, ``--weight-decay`` 0.05 (not on biases, norms and embeddings), label smoothing
+  0.1 as in training, cosine decay of the learning rate to 0 over the fine-tuning steps, batch
+  ``--train-batch-size``;
+* each row also holds the MLP neurons kept per block and, when the pruning report has a
+  ``"heads"`` entry (``{attention module: [heads before, heads after]}``), the attention heads kept
+  per block; the Markdown lists both.
 
 Usage::
 
@@ -26,6 +42,8 @@ Usage::
         [--criteria oba-functional oba-full taylor obd_fisher l1 random] [--calib-batches 10]
         [--bn-images 2000] [--epochs 1] [--lr 0.01] [--train-limit N] [--test-limit N]
         [--dense-finetune] [--threads 2] [--out benchmarks/results] [--note TEXT]
+    python benchmarks/quality.py --model vit_cifar --weights benchmarks/results/vit_cifar.pt --data DIR
+        [--ratios 0.7 0.5] [--criteria oba-functional l1 taylor] ...   # writes quality_vit.*
     python benchmarks/quality.py --replot benchmarks/results/quality.json   # redraw md/png only
 
 The JSON, PNG and Markdown are rewritten after every cell, so an interrupted run leaves partial
@@ -44,7 +62,7 @@ import json
 import logging
 import math
 import os
-import platform
+import re
 import statistics
 import sys
 import time
@@ -53,6 +71,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, train_step  # noqa: E402  (benchmarks/ is not a package)
 
 log = logging.getLogger("quality")
 
@@ -68,34 +89,24 @@ CRITERION_SPECS: dict[str, tuple[str, str, str]] = {
     "random": ("random", "functional", "random"),
 }
 DEFAULT_CRITERIA = ["oba-functional", "oba-full", "taylor", "obd_fisher", "l1", "random"]
+VIT_DEFAULT_CRITERIA = ["oba-functional", "l1", "taylor"]
 #: accuracies below this are treated as near chance (10 classes) in the written summary
 CHANCE_BAND = 0.2
 STAGES = [("one_shot", "one-shot"), ("bn_recal", "BN-recalibrated"), ("finetuned", "fine-tuned")]
 WEIGHTS = {"resnet20": "resnet20-12fca82f.th", "resnet32": "resnet32-d509ac18.th",
            "resnet44": "resnet44-014dd654.th", "resnet56": "resnet56-4bfd9763.th"}
+VIT_MODEL = "vit_cifar"
+VIT_DEFAULT_WEIGHTS = "benchmarks/results/vit_cifar.pt"
+#: model -> (long name for titles, short name for the plot)
+MODEL_NAMES = {**{m: (f"thin ResNet-{m[6:]}", f"ResNet-{m[6:]}") for m in WEIGHTS},
+               VIT_MODEL: ("small ViT (`vit_cifar`)", "ViT (vit_cifar)")}
+#: per model family: optimizer, lr, weight decay, label smoothing of the fine-tuning stage
+FINETUNE_DEFAULTS = {"sgd": {"lr": 0.01, "weight_decay": 5e-4, "label_smoothing": 0.0},
+                     "adamw": {"lr": 1e-4, "weight_decay": 0.05, "label_smoothing": 0.1}}
 
 
 # ----------------------------------------------------------------------------------------------
 # helpers
-
-
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        load = os.getloadavg()
-    except OSError:
-        load = None
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
-            "loadavg_at_start": load}
 
 
 def take(loader, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -127,6 +138,58 @@ def latency(dense, slim, x: torch.Tensor, runs: int, warmup: int = 2) -> dict[st
     return {"dense_ms": 1e3 * md, "slim_ms": 1e3 * ms, "speedup": md / ms, "runs": runs, "batch": int(x.shape[0])}
 
 
+def vit_structure(dense, meta: dict[str, Any]) -> dict[str, Any]:
+    """MLP neurons and ``qkv`` output features kept per block of a ViTCifar, from the report's ``kept``."""
+    kept = meta.get("kept") or {}
+    mlp, qkv = [], []
+    for i, blk in enumerate(dense.blocks):
+        fc1 = kept.get(f"blocks.{i}.mlp.fc1.weight") or {}
+        mlp.append(len(fc1[0]) if 0 in fc1 else blk.mlp.fc1.out_features)
+        w = kept.get(f"blocks.{i}.attn.qkv.weight") or {}
+        qkv.append(len(w[0]) if 0 in w else blk.attn.qkv.out_features)
+    return {"mlp_kept": mlp, "mlp_full": dense.blocks[0].mlp.fc1.out_features,
+            "qkv_kept": qkv, "qkv_full": dense.blocks[0].attn.qkv.out_features}
+
+
+def stages_of(result: dict[str, Any]) -> list[tuple[str, str]]:
+    """The stages this run measured (no BN-recal stage for models without BatchNorm)."""
+    have = result.get("settings", {}).get("stages")
+    return [st for st in STAGES if have is None or st[0] in have]
+
+
+def _adamw_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices and kernels only, not biases, norm scales, class token or position embedding."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or name.endswith(("cls_token", "pos_embed")):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def finetune_adamw(model, train_loader, epochs: int, lr: float, weight_decay: float,
+                   label_smoothing: float) -> list[float]:
+    """AdamW with a per-step cosine decay to 0 (no warm-up); returns the mean loss of each epoch."""
+    opt = torch.optim.AdamW(_adamw_groups(model, weight_decay), lr=lr)
+    total = max(1, epochs * len(train_loader))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(1.0, k / total))))
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    losses = []
+    model.train()
+    for _ in range(epochs):
+        s, n = 0.0, 0
+        for x, y in train_loader:
+            loss, _ = train_step(model, loss_fn, opt, sched, x, y, "fine-tuning")
+            s += loss * len(y)
+            n += len(y)
+        losses.append(s / max(n, 1))
+    model.eval()
+    return losses
+
+
 def finetune_model(model, args, train_loader) -> dict[str, Any]:
     from oba_fx.finetune import finetune
 
@@ -134,9 +197,18 @@ def finetune_model(model, args, train_loader) -> dict[str, Any]:
     train_loader.generator.manual_seed(args.seed + 2)
     torch.manual_seed(args.seed + 3)
     t = time.perf_counter()
-    res = finetune(model, train_loader, epochs=args.epochs, lr=args.lr, momentum=args.momentum,
-                   weight_decay=args.weight_decay, progress=False)
-    return {"train_loss": list(res.train_loss), "seconds": time.perf_counter() - t}
+    if args.optimizer == "adamw":
+        losses = finetune_adamw(model, train_loader, args.epochs, args.lr, args.weight_decay, args.label_smoothing)
+    else:
+        if args.label_smoothing:
+            res = finetune(model, train_loader, epochs=args.epochs, lr=args.lr, momentum=args.momentum,
+                           weight_decay=args.weight_decay, progress=False,
+                           loss_fn=torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing))
+        else:
+            res = finetune(model, train_loader, epochs=args.epochs, lr=args.lr, momentum=args.momentum,
+                           weight_decay=args.weight_decay, progress=False)
+        losses = list(res.train_loss)
+    return {"train_loss": losses, "seconds": time.perf_counter() - t}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,7 +227,7 @@ def winners(result: dict[str, Any], metric: str, n: int) -> list[dict[str, Any]]
     """Per (stage, r): best criterion, runner-up, margin and whether it exceeds 2 s.e. of a difference."""
     out = []
     rows = _cells(result["rows"])
-    for stage, stage_name in STAGES:
+    for stage, stage_name in stages_of(result):
         for r in sorted({row["r_target"] for row in rows}, reverse=True):
             cand = [(row[stage][metric], row["label"]) for row in rows
                     if row["r_target"] == r and row.get(stage) and row[stage].get(metric) is not None]
@@ -183,24 +255,49 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
     n1k = 1000
     njpeg = s.get("test_images") or 0
     L = []
-    L.append("# Pruning quality: thin ResNet-56 on CIFAR-10\n")
+    long_name, _ = MODEL_NAMES.get(s["model"], (s["model"], s["model"]))
+    stages = stages_of(result)
+    has_bn = any(st == "bn_recal" for st, _ in stages)
+    vit = s["model"] == VIT_MODEL
+    img = s.get("name", "quality") + ".png"
+    L.append(f"# Pruning quality: {long_name} on CIFAR-10\n")
     L.append(f"Written by `benchmarks/quality.py` on {result['date']}"
              + (" (**partial: the run had not finished when this was written**)" if not result.get("complete") else "")
              + ". Do not edit by hand; rerun the script.\n")
     L.append("## Settings\n")
     L.append(f"- Command: `{result['command']}`")
-    L.append(f"- Model: pretrained `{s['model']}` ({s['weights_file']}), eval-mode scoring, one-shot pruning "
-             f"(`steps=1`) to retained-FLOPs targets {', '.join(str(r) for r in s['ratios'])}; "
-             "every cell starts from the dense model.")
+    if vit:
+        tr = s.get("trained") or {}
+        how = (f"trained from scratch by `benchmarks/train_vit_cifar.py` ({tr.get('epochs')} epochs; "
+               f"config {tr.get('config')})")
+        L.append(f"- Model: `{s['model']}` ({s['weights_file']}), {how}, eval-mode scoring, one-shot pruning "
+                 f"(`steps=1`) to retained-FLOPs targets {', '.join(str(r) for r in s['ratios'])}; "
+                 "every cell starts from the dense model.")
+    else:
+        L.append(f"- Model: pretrained `{s['model']}` ({s['weights_file']}), eval-mode scoring, one-shot pruning "
+                 f"(`steps=1`) to retained-FLOPs targets {', '.join(str(r) for r in s['ratios'])}; "
+                 "every cell starts from the dense model.")
     L.append(f"- Calibration: {s['calib_batches']} shuffled training batches of {s['calib_batch_size']} "
              f"(seed {s['seed']}, the same for every criterion); `prune_graph(..., bn_recalibration=False)`.")
-    L.append(f"- BN recalibration: `recalibrate_bn` on {s['bn_images']} other training images.")
-    L.append(f"- Fine-tuning: {s['epochs']} epoch(s) of SGD (lr {s['lr']}, momentum {s['momentum']}, "
-             f"weight decay {s['weight_decay']}, batch {s['train_batch_size']}, constant LR) on the first "
-             f"{s['train_images']} training images (JPEG-degraded set) with crop+flip augmentation, the same "
-             "order and draws for every cell.")
+    if has_bn:
+        L.append(f"- BN recalibration: `recalibrate_bn` on {s['bn_images']} other training images.")
+    else:
+        L.append("- BN recalibration: skipped, the model has no BatchNorm (the stage would equal one-shot).")
+    if s.get("optimizer", "sgd") == "adamw":
+        L.append(f"- Fine-tuning: {s['epochs']} epoch(s) of AdamW (lr {s['lr']}, weight decay {s['weight_decay']} "
+                 f"on matrices only, label smoothing {s.get('label_smoothing')}, batch {s['train_batch_size']}, "
+                 f"cosine decay to 0 over the steps) on the first {s['train_images']} training images "
+                 "(JPEG-degraded set) with crop+flip augmentation, the same order and draws for every cell.")
+    else:
+        ls = f", label smoothing {s['label_smoothing']}" if s.get("label_smoothing") else ""
+        L.append(f"- Fine-tuning: {s['epochs']} epoch(s) of SGD (lr {s['lr']}, momentum {s['momentum']}, "
+                 f"weight decay {s['weight_decay']}{ls}, batch {s['train_batch_size']}, constant LR) on the first "
+                 f"{s['train_images']} training images (JPEG-degraded set) with crop+flip augmentation, the same "
+                 "order and draws for every cell.")
     L.append(f"- Test: exact 1k = `test_lossless1k` (1,000 exact test images, 1 s.d. about 0.8 points); "
-             f"JPEG = first {njpeg} images of the JPEG-degraded `test` set (about 10 points below exact).")
+             f"JPEG = first {njpeg} images of the JPEG-degraded `test` set "
+             + ("(the ViT was trained on JPEG-degraded images and scores about as well on them as on exact ones)."
+                if vit else "(about 10 points below exact)."))
     L.append(f"- Latency: median of {s['latency_runs']} interleaved forward passes (dense, slim) of a batch of "
              f"{s['latency_batch']}, {s['threads']} thread(s), same process; the host is shared and noisy.")
     m = result["machine"]
@@ -226,9 +323,10 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
     cells = _cells(rows)
     if cells:
         L.append("## Results (accuracy in %: exact 1k / JPEG)\n")
-        L.append("| criterion | r target | FLOPs kept | params kept | one-shot | BN-recal | fine-tuned | "
-                 "latency speedup | prune s |")
-        L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        short = {"one_shot": "one-shot", "bn_recal": "BN-recal", "finetuned": "fine-tuned"}
+        L.append("| criterion | r target | FLOPs kept | params kept | "
+                 + " | ".join(short[st] for st, _ in stages) + " | latency speedup | prune s |")
+        L.append("|---|---:|---:|---:|" + "---:|" * len(stages) + "---:|---:|")
 
         def acc(row, st):
             a = row.get(st) or {}
@@ -243,8 +341,8 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
             lat = row.get("latency") or {}
             sp = f"{lat['speedup']:.2f}× (FLOPs {1 / row['flops_frac']:.2f}×)" if lat and row.get("flops_frac") else "—"
             ps = f"{row['prune_s']:.0f}" if row.get("prune_s") is not None else "—"
-            L.append(f"| {row['label']} | {row['r_target']} | {fl} | {pa} | {acc(row, 'one_shot')} | "
-                     f"{acc(row, 'bn_recal')} | {acc(row, 'finetuned')} | {sp} | {ps} |")
+            L.append(f"| {row['label']} | {row['r_target']} | {fl} | {pa} | "
+                     + " | ".join(acc(row, st) for st, _ in stages) + f" | {sp} | {ps} |")
         errs = [r for r in cells if r.get("error")]
         if errs:
             L.append("")
@@ -270,13 +368,13 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
                     txt = (f"{w['winner']} is highest ({100 * w['acc']:.1f} %) but within noise of "
                            f"{', '.join(others)}")
                 if w["acc"] < CHANCE_BAND:
-                    txt += f"; every criterion is near chance (10 %) here, so this ranking means little"
+                    txt += "; every criterion is near chance (10 %) here, so this ranking means little"
                 L.append(f"- {w['stage_name']}, r = {w['r']}: {txt}. Order: {' > '.join(w['ranking'])}.")
             L.append("")
         # plain-words summary: wins per criterion per stage on exact 1k, and second order vs L1
         ws = winners(result, "exact1k", n1k)
         L.append("Summary (exact 1k):\n")
-        for stage, stage_name in STAGES:
+        for stage, stage_name in stages:
             sw = [w for w in ws if w["stage"] == stage]
             if not sw:
                 continue
@@ -306,8 +404,54 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
                          f"clearly ahead (> {two_se:.1f} points) in {ahead}, clearly behind in {behind}, and within "
                          f"noise in {len(real) - ahead - behind} of {len(real)} comparisons.")
         L.append("")
-        L.append("![accuracy vs retained FLOPs](quality.png)\n")
+        if vit:
+            L.extend(structure_markdown(cells))
+        L.append(f"![accuracy vs retained FLOPs]({img})\n")
     path.write_text("\n".join(L) + "\n")
+
+
+def _natural(name: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def structure_markdown(cells: list[dict[str, Any]]) -> list[str]:
+    """ViT: attention heads and MLP neurons kept per block, per cell (from the pruning report)."""
+    L = ["## What was removed, per block\n"]
+    done = [c for c in cells if c.get("mlp_kept") is not None]
+    if not done:
+        return []
+    with_heads = [c for c in done if c.get("heads")]
+    if with_heads:
+        L.append("Attention heads per block, kept / before (from `out.meta['oba']['heads']`), and the "
+                 "total removed:\n")
+        names = sorted({n for c in with_heads for n in c["heads"]}, key=_natural)
+        L.append("| criterion | r target | " + " | ".join(f"`{n}`" for n in names) + " | heads removed |")
+        L.append("|---|---:|" + "---:|" * len(names) + "---:|")
+        for c in sorted(with_heads, key=lambda r: (-r["r_target"], r["order"])):
+            h = c["heads"]
+            cols = [f"{h[n][1]}/{h[n][0]}" if n in h else "—" for n in names]
+            removed = sum(b - a for b, a in h.values())
+            L.append(f"| {c['label']} | {c['r_target']} | " + " | ".join(cols) + f" | {removed} |")
+        L.append("")
+    else:
+        bar = sorted({b for c in done for b in c.get("barriers") or []})
+        L.append("No attention heads were removed: the pruning reports have no `heads` entry"
+                 + (f" (barriers reported: {', '.join(f'`{b}`' for b in bar)})" if bar else "")
+                 + ". Only MLP neurons were pruned.\n")
+    qkv = [c for c in done if c.get("qkv_full") and any(k < c["qkv_full"] for k in c.get("qkv_kept") or [])]
+    if qkv and not with_heads:
+        L.append("(Yet some `qkv` output features were removed: "
+                 + "; ".join(f"{c['label']} r={c['r_target']}: {c['qkv_kept']}" for c in qkv) + ".)\n")
+    depth = max(len(c["mlp_kept"]) for c in done)
+    full = done[0].get("mlp_full")
+    L.append(f"MLP hidden neurons kept per block (of {full}):\n")
+    L.append("| criterion | r target | " + " | ".join(f"block {i}" for i in range(depth)) + " | total kept |")
+    L.append("|---|---:|" + "---:|" * depth + "---:|")
+    for c in sorted(done, key=lambda r: (-r["r_target"], r["order"])):
+        L.append(f"| {c['label']} | {c['r_target']} | " + " | ".join(str(k) for k in c["mlp_kept"])
+                 + f" | {sum(c['mlp_kept'])} |")
+    L.append("")
+    return L
 
 
 def write_plot(result: dict[str, Any], path: Path) -> None:
@@ -320,13 +464,14 @@ def write_plot(result: dict[str, Any], path: Path) -> None:
     cells = _cells(rows)
     dense = next((r for r in rows if r.get("kind") == "dense"), None)
     dense_ft = next((r for r in rows if r.get("kind") == "dense_finetuned" and r.get("acc")), None)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), sharey=True)
+    stages = stages_of(result)
+    fig, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 4.6), sharey=True)
     labels = []
     for row in sorted(cells, key=lambda r: r["order"]):
         if row["label"] not in labels:
             labels.append(row["label"])
     markers = "osD^vP*X"
-    for ax, (stage, stage_name) in zip(axes, STAGES):
+    for ax, (stage, stage_name) in zip(axes, stages):
         for i, lab in enumerate(labels):
             pts = sorted((row["flops_frac"], row[stage]["exact1k"]) for row in cells
                          if row["label"] == lab and row.get(stage) and row[stage].get("exact1k") is not None
@@ -356,20 +501,22 @@ def write_plot(result: dict[str, Any], path: Path) -> None:
                 handles.append(hh); labs.append(ll)
     axes[-1].legend(handles, labs, fontsize=8, loc="lower right")
     s = result["settings"]
-    fig.suptitle(f"ResNet-56 / CIFAR-10 one-shot pruning: {s['calib_batches']}×{s['calib_batch_size']} calib, "
-                 f"BN on {s['bn_images']} imgs, {s['epochs']} ep fine-tuning on {s['train_images']} imgs "
+    _, short_name = MODEL_NAMES.get(s["model"], (s["model"], s["model"]))
+    bn = f"BN on {s['bn_images']} imgs, " if any(st == "bn_recal" for st, _ in stages) else "no BN, "
+    fig.suptitle(f"{short_name} / CIFAR-10 one-shot pruning: {s['calib_batches']}×{s['calib_batch_size']} calib, "
+                 f"{bn}{s['epochs']} ep fine-tuning on {s['train_images']} imgs "
                  f"(error bars: ±1 s.e., n=1000)" + ("" if result.get("complete") else " [partial]"), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def save(result: dict[str, Any], out: Path) -> None:
+def save(result: dict[str, Any], out: Path, name: str = "quality") -> None:
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "quality.json.tmp"
+    tmp = out / f"{name}.json.tmp"
     tmp.write_text(json.dumps(result, indent=1, default=str))
-    os.replace(tmp, out / "quality.json")
-    for fn, name in ((write_markdown, "quality.md"), (write_plot, "quality.png")):
+    os.replace(tmp, out / f"{name}.json")
+    for fn, name in ((write_markdown, f"{name}.md"), (write_plot, f"{name}.png")):
         try:
             fn(result, out / name)
         except Exception:  # a report must not kill the run
@@ -384,17 +531,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default=None, help="data folder (default: $OBA_FX_DATA)")
-    p.add_argument("--model", default="resnet56", choices=sorted(WEIGHTS))
-    p.add_argument("--weights", default=None, help="checkpoint (default: <data>/weights/<upstream name>)")
+    p.add_argument("--model", default="resnet56", choices=sorted(WEIGHTS) + [VIT_MODEL])
+    p.add_argument("--weights", default=None, help="checkpoint (default: <data>/weights/<upstream name>; "
+                   f"for {VIT_MODEL}: {VIT_DEFAULT_WEIGHTS})")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.7, 0.5, 0.35], help="retained-FLOPs targets")
-    p.add_argument("--criteria", nargs="+", default=DEFAULT_CRITERIA, choices=sorted(CRITERION_SPECS))
+    p.add_argument("--criteria", nargs="+", default=None, choices=sorted(CRITERION_SPECS),
+                   help=f"default: {' '.join(DEFAULT_CRITERIA)}; for {VIT_MODEL}: {' '.join(VIT_DEFAULT_CRITERIA)}")
     p.add_argument("--calib-batches", type=int, default=10)
     p.add_argument("--calib-batch-size", type=int, default=64)
     p.add_argument("--bn-images", type=int, default=2000)
     p.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs (0: skip the stage)")
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--optimizer", default=None, choices=sorted(FINETUNE_DEFAULTS),
+                   help=f"fine-tuning optimizer (default: sgd; for {VIT_MODEL}: adamw)")
+    p.add_argument("--lr", type=float, default=None, help="default: 0.01 with sgd, 1e-4 with adamw")
+    p.add_argument("--momentum", type=float, default=0.9, help="sgd only")
+    p.add_argument("--weight-decay", type=float, default=None, help="default: 5e-4 with sgd, 0.05 with adamw")
+    p.add_argument("--label-smoothing", type=float, default=None, help="default: 0 with sgd, 0.1 with adamw")
     p.add_argument("--train-batch-size", type=int, default=64)
     p.add_argument("--train-limit", type=int, default=None, help="fine-tune on the first N training images (all 50k)")
     p.add_argument("--test-limit", type=int, default=None, help="first N images of the JPEG test set (all 10k)")
@@ -405,11 +557,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-batch-size", type=int, default=500)
     p.add_argument("--out", default="benchmarks/results", help="output folder")
+    p.add_argument("--name", default=None,
+                   help=f"base name of the output files (default: quality; for {VIT_MODEL}: quality_vit)")
     p.add_argument("--note", default="", help="free text stored with the settings (e.g. why settings were reduced)")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--replot", default=None, metavar="JSON",
-                   help="only rewrite quality.md and quality.png in --out from an existing quality.json")
-    return p.parse_args(argv)
+                   help="only rewrite <name>.md and <name>.png in --out from an existing JSON "
+                        "(name: --name, else the JSON's)")
+    args = p.parse_args(argv)
+    vit = args.model == VIT_MODEL
+    if args.criteria is None:
+        args.criteria = list(VIT_DEFAULT_CRITERIA if vit else DEFAULT_CRITERIA)
+    if args.optimizer is None:
+        args.optimizer = "adamw" if vit else "sgd"
+    for key, value in FINETUNE_DEFAULTS[args.optimizer].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.name is None and not args.replot:
+        args.name = "quality_vit" if vit else "quality"
+    return args
 
 
 def main(argv=None) -> int:
@@ -421,9 +587,12 @@ def main(argv=None) -> int:
     if args.replot:
         result = json.loads(Path(args.replot).read_text())
         out = Path(args.out)
-        write_markdown(result, out / "quality.md")
-        write_plot(result, out / "quality.png")
-        log.info("rewrote %s and %s from %s", out / "quality.md", out / "quality.png", args.replot)
+        name = args.name or result["settings"].get("name") or Path(args.replot).stem
+        result["settings"]["name"] = name
+        out.mkdir(parents=True, exist_ok=True)
+        write_markdown(result, out / f"{name}.md")
+        write_plot(result, out / f"{name}.png")
+        log.info("rewrote %s and %s from %s", out / f"{name}.md", out / f"{name}.png", args.replot)
         return 0
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
@@ -431,11 +600,16 @@ def main(argv=None) -> int:
     from oba_fx import prune_graph
     from oba_fx.bn import recalibrate_bn
     from oba_fx.data import cifar10_loader, data_dir
-    from oba_fx.models import get_model
+    from oba_fx.models import get_model, load_vit_cifar
 
     ddir = data_dir(args.data)
-    weights = Path(args.weights) if args.weights else ddir / "weights" / WEIGHTS[args.model]
+    vit = args.model == VIT_MODEL
+    if vit:
+        weights = Path(args.weights or VIT_DEFAULT_WEIGHTS)
+    else:
+        weights = Path(args.weights) if args.weights else ddir / "weights" / WEIGHTS[args.model]
     out = Path(args.out)
+    name = args.name
 
     log.info("loading data from %s", ddir)
     torch.manual_seed(args.seed)
@@ -457,10 +631,23 @@ def main(argv=None) -> int:
     }
     n_train = len(train_loader.dataset) if train_loader is not None else 0
     n_test = len(test_loaders["jpeg"].dataset)
-    ex = calib[0][0][:1].clone()
+    # The ViT is traced with a batch of 2, so that a size taken from the batch dimension (its
+    # `cls_token.expand(B, -1, -1)`) is never confused with a broadcast size-1 dimension (slimming
+    # once rewrote it to -1 for a batch-1 example, fixed in 4eff808). FLOPs are reported per image.
+    ex_batch = 2 if vit else 1
+    ex = calib[0][0][:ex_batch].clone()
     lat_x = torch.randn(args.latency_batch, *calib[0][0].shape[1:], generator=torch.Generator().manual_seed(0))
 
-    dense = get_model(args.model, weights=str(weights)).eval()
+    trained: dict[str, Any] | None = None
+    if vit:
+        dense = load_vit_cifar(weights).eval()
+        ck = torch.load(weights, map_location="cpu", weights_only=True)
+        trained = {"epochs": ck.get("epochs"), "config": ck.get("config"), "test_acc": ck.get("test_acc")}
+        del ck
+    else:
+        dense = get_model(args.model, weights=str(weights)).eval()
+    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in dense.modules())
+    stages = [st for st in STAGES if has_bn or st[0] != "bn_recal"]
     result: dict[str, Any] = {
         "benchmark": "quality",
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -468,8 +655,12 @@ def main(argv=None) -> int:
         "machine": machine(),
         "settings": {**{k: v for k, v in vars(args).items() if k not in ("data",)},
                      "weights_file": weights.name, "train_images": n_train, "test_images": n_test,
-                     "bn_images_used": sum(len(b[0]) for b in bn_batches), "stages": [s for s, _ in STAGES],
-                     "finetune_schedule": "constant LR (oba_fx.finetune milestones default: none for 1 epoch)",
+                     "bn_images_used": sum(len(b[0]) for b in bn_batches) if has_bn else 0,
+                     "example_batch": ex_batch,
+                     "stages": [s for s, _ in stages], "has_bn": has_bn, "trained": trained,
+                     "bn_recal_skipped": None if has_bn else "the model has no BatchNorm: the stage would equal one-shot",
+                     "finetune_schedule": ("AdamW, per-step cosine decay to 0, no warm-up" if args.optimizer == "adamw"
+                                           else "constant LR (oba_fx.finetune milestones default: none for 1 epoch)"),
                      "flops_unit": "multiply-accumulates counted by oba_fx"},
         "rows": [],
         "complete": False,
@@ -483,7 +674,7 @@ def main(argv=None) -> int:
     # FLOPs of the dense model: from a data-free prune of nothing is not available; take it from the first cell
     result["rows"].append(dense_row)
     log.info("dense: exact1k %.4f, jpeg %.4f (%.0f s)", d_acc["exact1k"], d_acc["jpeg"], dense_row["eval_s"])
-    save(result, out)
+    save(result, out, name)
 
     if args.dense_finetune and args.epochs > 0:
         row: dict[str, Any] = {"kind": "dense_finetuned", "label": "dense + fine-tuning"}
@@ -496,7 +687,7 @@ def main(argv=None) -> int:
             row["error"] = f"{type(exc).__name__}: {exc}"
             log.error("dense fine-tuning failed:\n%s", traceback.format_exc())
         result["rows"].append(row)
-        save(result, out)
+        save(result, out, name)
 
     order = 0
     for r in args.ratios:
@@ -522,7 +713,13 @@ def main(argv=None) -> int:
                            units_removed=meta.get("units_removed"), units_prunable=meta.get("units_prunable"),
                            max_rel_error=meta.get("max_rel_error"))
                 if "flops" not in dense_row:
-                    dense_row["flops"] = meta["flops_before"]
+                    dense_row["flops"] = meta["flops_before"] / ex_batch  # per image
+                row["barriers"] = sorted({b.get("node", "?") for b in meta.get("barriers") or []})
+                if meta.get("heads") is not None:
+                    row["heads"] = {str(k): [int(v[0]), int(v[1])] for k, v in meta["heads"].items()}
+                    log.info("heads (before, after): %s", row["heads"])
+                if vit:
+                    row.update(vit_structure(dense, meta))
                 log.info("pruned in %.0f s: FLOPs %.3f, params %.3f", row["prune_s"], row["flops_frac"],
                          row["params_frac"])
                 stage = "latency"
@@ -533,10 +730,11 @@ def main(argv=None) -> int:
                 stage = "one_shot"
                 row["one_shot"] = accuracies(slim, test_loaders)
                 log.info("one-shot: %s", row["one_shot"])
-                stage = "bn_recal"
-                recalibrate_bn(slim, bn_batches)
-                row["bn_recal"] = accuracies(slim, test_loaders)
-                log.info("BN-recal: %s", row["bn_recal"])
+                if has_bn:
+                    stage = "bn_recal"
+                    recalibrate_bn(slim, bn_batches)
+                    row["bn_recal"] = accuracies(slim, test_loaders)
+                    log.info("BN-recal: %s", row["bn_recal"])
                 if args.epochs > 0:
                     stage = "finetune"
                     row["finetune"] = finetune_model(slim, args, train_loader)
@@ -549,10 +747,10 @@ def main(argv=None) -> int:
             row["cell_s"] = time.perf_counter() - t_cell
             result["rows"].append(row)
             result["elapsed_s"] = time.perf_counter() - t_start
-            save(result, out)
+            save(result, out, name)
     result["complete"] = True
     result["wall_s"] = time.perf_counter() - t_start
-    save(result, out)
+    save(result, out, name)
     log.info("done in %.1f min; wrote %s", result["wall_s"] / 60, out)
     return 0
 

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 
 import oba_fx
 from oba_fx.attention import MultiheadAttention, window_attention
-from oba_fx.coupling import analyze
 from oba_fx.meta import COUPLING
 from oba_fx.passes.pipeline import analyze_model
 

@@ -7,6 +7,13 @@ Example:
     >>> m = get_model("resnet20")
     >>> type(m).__name__
     'CifarResNet'
+    >>> vit = get_model("vit_cifar")           # small ViT for 32x32 inputs (see oba_fx.models.vit_cifar)
+    >>> vit.blocks[0].attn.num_heads, vit.head.out_features
+    (4, 10)
+
+``"vit_cifar"`` is the small CIFAR Vision Transformer of :mod:`oba_fx.models.vit_cifar`
+(default size); :func:`load_vit_cifar` rebuilds one of any size from a checkpoint that stores its
+``"config"``.
 
 Name clash: ``"resnet32"`` style names of the thin CIFAR ResNets (20, 32, 44, 56, 110) do not
 exist in torchvision, so every name resolves to exactly one model.  torchvision's own
@@ -37,21 +44,25 @@ from .cifar_resnet import (
     resnet56,
     resnet110,
 )
+from .vit_cifar import ViTCifar, load_vit_cifar, vit_cifar
 from .wide import VGGCifar, vgg19_bn_cifar, wide_resnet32
 
 __all__ = [
     "BasicBlock",
     "CifarResNet",
     "VGGCifar",
+    "ViTCifar",
     "get_model",
     "list_models",
     "load_checkpoint",
+    "load_vit_cifar",
     "resnet20",
     "resnet32",
     "resnet44",
     "resnet56",
     "resnet110",
     "vgg19_bn_cifar",
+    "vit_cifar",
     "wide_resnet32",
 ]
 
@@ -65,6 +76,7 @@ _CIFAR_MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet110": resnet110,
     "wide_resnet32": wide_resnet32,
     "vgg19_bn_cifar": vgg19_bn_cifar,
+    "vit_cifar": vit_cifar,
 }
 
 
@@ -89,7 +101,8 @@ def get_model(name: str, num_classes: int = 10, weights: str | os.PathLike | Non
 
     Args:
         name: A CIFAR model (``"resnet20"``, ``"resnet32"``, ``"resnet44"``, ``"resnet56"``,
-            ``"resnet110"``, ``"wide_resnet32"``, ``"vgg19_bn_cifar"``) or any torchvision
+            ``"resnet110"``, ``"wide_resnet32"``, ``"vgg19_bn_cifar"``, ``"vit_cifar"`` with its
+            default size; use :func:`load_vit_cifar` for a checkpoint of another size) or any torchvision
             classification model name (``"resnet50"``, ``"vit_b_16"``, ...), built with random
             weights via ``torchvision.models.get_model(name, weights=None, num_classes=...)``.
         num_classes: Classifier outputs.

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from .. import meta as M
 from ..coupling import EMPTY, Builder, TensorSpaces, _State
-from .base import Ctx, FlopCtx, SlimCtx, _arg, _shape, _spaces, _tensor_args, barrier, rule_for_node
+from .base import Ctx, FlopCtx, SlimCtx, _shape, _spaces, _tensor_args, barrier, rule_for_node
 from .sizes import _check_taint, _is_tensor, _size_node
 
 

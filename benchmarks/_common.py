@@ -1,0 +1,44 @@
+"""Helpers shared by the benchmark scripts (run as ``python benchmarks/<script>.py``)."""
+
+from __future__ import annotations
+
+import os
+import platform
+from typing import Any, Callable
+
+import torch
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, thread counts, versions and load average, stored with every result."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = None
+    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+            "loadavg_at_start": load}
+
+
+def train_step(model: torch.nn.Module, loss_fn: Callable, opt, sched, x: torch.Tensor, y: torch.Tensor,
+               what: str = "training") -> tuple[float, torch.Tensor]:
+    """One optimiser step on ``(x, y)``; returns the loss and the (detached) logits. Raises
+    ``FloatingPointError`` when the loss is not finite."""
+    logits = model(x)
+    loss = loss_fn(logits, y)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"{what} loss became {loss.item()}")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    return float(loss.detach()), logits.detach()
