@@ -234,6 +234,12 @@ def test_oba_removes_heads_and_reports_them_per_block(name):
         assert sum(b - a for b, a in heads.values()) > 0
 
 
+@pytest.mark.parametrize("name,target", [("vit", 0.5), ("swin", 0.4), ("swin_v2", 0.4), ("maxvit", 0.4)])
+def test_l1_removes_heads_at_a_lower_flops_target(name, target):
+    _, _, out = _prune(name, "l1", target)
+    assert sum(b - a for b, a in out.meta["oba"]["heads"].values()) > 0
+
+
 def test_vit_slimmed_projection_shapes_follow_the_kept_heads():
     """A ViT block with k kept heads has 3*k*head_dim in-projection rows and k*head_dim
     out-projection columns (head_dim 8)."""
@@ -321,8 +327,9 @@ def test_embed_width_prunes_and_verifies_other_transformers(name):
 @pytest.mark.parametrize("criterion", ["l1", "oba"])
 @pytest.mark.parametrize("name", ["vit_b_16", "swin_t", "convnext_tiny", "maxvit_t"])
 def test_torchvision_transformers_prune_heads_and_neurons(name, criterion):
-    """Random weights, 224x224, one synthetic calibration batch of 2: the FLOPs drop to 70 %,
-    slimmed == masked (checked inside prune_graph), no barriers, heads reported per block."""
+    """Random weights, 224x224, one synthetic calibration batch of 2: the FLOPs drop to 50 %,
+    slimmed == masked (checked inside prune_graph), no barriers, heads reported per block (and
+    some removed by oba)."""
     import torchvision
 
     torch.manual_seed(0)
@@ -330,9 +337,11 @@ def test_torchvision_transformers_prune_heads_and_neurons(name, criterion):
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(1, 3, 224, 224, generator=gen)
     data = [(torch.randn(2, 3, 224, 224, generator=gen), torch.randint(0, 1000, (2,), generator=gen))]
-    out = oba_fx.prune_graph(model, x, criterion=criterion, target_flops=0.7,
+    out = oba_fx.prune_graph(model, x, criterion=criterion, target_flops=0.5,
                              data=None if criterion == "l1" else data, verbose=False)
     r = out.meta["oba"]
-    assert r["flops_after"] <= 0.7 * r["flops_before"] and r["barriers"] == [] and r["max_rel_error"] < 1e-4
+    assert r["flops_after"] <= 0.5 * r["flops_before"] and r["barriers"] == [] and r["max_rel_error"] < 1e-4
     n_attention = {"vit_b_16": 12, "swin_t": 12, "convnext_tiny": 0, "maxvit_t": 22}[name]
     assert len(r["heads"]) == n_attention
+    if criterion == "oba":  # random init gives every head nearly the same L1 norm: l1 removes MLP neurons first
+        assert n_attention == 0 or sum(b - a for b, a in r["heads"].values()) > 0
