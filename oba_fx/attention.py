@@ -100,7 +100,7 @@ class MultiheadAttention(nn.Module):
             value = key if same_kv else value.transpose(0, 1)
         q, k, v = (self._heads(t) for t in self._project(query, key, value))
         has_mask = attn_mask is not None or key_padding_mask is not None
-        mask = _merge_masks(attn_mask, key_padding_mask, q) if has_mask else None
+        mask = _merge_masks(attn_mask, key_padding_mask, q.shape[0], self.num_heads, q.dtype) if has_mask else None
         causal = is_causal and mask is None
         p = self.dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
@@ -124,26 +124,27 @@ def _three(parts):
     return parts[0], parts[1], parts[2]
 
 
-def _merge_masks(attn_mask, key_padding_mask, q):
+def _merge_masks(attn_mask, key_padding_mask, batch: int, heads: int, dtype: torch.dtype):
     """One additive float mask broadcastable to ``(batch, heads, L, S)``, or ``None``.
 
-    ``nn.MultiheadAttention``'s boolean masks mean "True = not allowed"."""
+    ``nn.MultiheadAttention``'s boolean masks mean "True = not allowed". (It takes sizes and a
+    dtype, not the queries, so that the call does not read the head channels.)"""
     mask = None
     if attn_mask is not None:
-        mask = _additive(attn_mask, q)
+        mask = _additive(attn_mask, dtype)
         if mask.dim() == 3:  # (batch * heads, L, S)
-            mask = mask.reshape(q.shape[0], q.shape[1], mask.shape[-2], mask.shape[-1])
+            mask = mask.reshape(batch, heads, mask.shape[-2], mask.shape[-1])
     if key_padding_mask is not None:
-        kpm = _additive(key_padding_mask, q)
+        kpm = _additive(key_padding_mask, dtype)
         kpm = kpm.reshape(kpm.shape[0], 1, 1, kpm.shape[-1])
         mask = kpm if mask is None else mask + kpm
     return mask
 
 
-def _additive(m: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def _additive(m: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if m.dtype == torch.bool:
-        return torch.zeros(m.shape, dtype=like.dtype, device=like.device).masked_fill(m, float("-inf"))
-    return m.to(like.dtype)
+        return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(m, float("-inf"))
+    return m.to(dtype)
 
 
 def _causal_mask(scores: torch.Tensor) -> torch.Tensor:

@@ -140,6 +140,52 @@ def test_packed_qkv_prunes_heads_and_rewrites_the_head_count():
     assert out.qkv.weight.shape == (12, 8) and out.proj.weight.shape == (8, 4)
 
 
+class UnbindQKV(PackedQKV):
+    """The same attention with ``q, k, v = qkv.unbind(0)`` and ``F.scaled_dot_product_attention``."""
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, self.hd).permute(2, 0, 3, 1, 4).unbind(0)
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1)
+        return self.head(self.proj(y).mean(1))
+
+
+def test_unbind_attention_prunes_heads():
+    torch.manual_seed(0)
+    model = UnbindQKV().eval()
+    with torch.no_grad():
+        model.qkv.weight.view(3, 4, 2, 8)[:, 2] *= 1e-3
+    out = oba_fx.prune_graph(model, torch.randn(2, 5, 8), criterion="l1", channel_ratio=0.1)
+    assert out.meta["oba"]["heads"] == {"scaled_dot_product_attention": [4, 3]}
+
+
+class MaskedMHA(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn, self.head = nn.MultiheadAttention(8, 4, batch_first=True), nn.Linear(8, 2)
+
+    def forward(self, x, pad, mask=None):
+        return self.head(self.attn(x, x, x, key_padding_mask=pad, attn_mask=mask, need_weights=False)[0].mean(1))
+
+
+def test_multihead_attention_with_padding_mask_prunes_heads():
+    torch.manual_seed(0)
+    x, pad = torch.randn(2, 5, 8), torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    out = oba_fx.prune_graph(MaskedMHA().eval(), (x, pad), criterion="l1", channel_ratio=0.7)
+    (before, after), = out.meta["oba"]["heads"].values()
+    assert before == 4 and after < 4 and out.meta["oba"]["max_rel_error"] < 1e-4
+
+
+def test_per_head_attention_mask_keeps_every_head():
+    """A ``(batch * heads, L, S)`` mask holds one plane per head: heads cannot be sliced from it,
+    so every query and key row of the in-projection stays (value features may still go)."""
+    torch.manual_seed(0)
+    x, pad = torch.randn(2, 5, 8), torch.zeros(2, 5, dtype=torch.bool)
+    out = oba_fx.prune_graph(MaskedMHA().eval(), (x, pad, torch.randn(8, 5, 5)), criterion="l1", channel_ratio=0.7)
+    kept = out.meta["oba"]["kept"].get("attn.in_proj_weight", {}).get(0, list(range(24)))
+    assert set(range(16)) <= set(kept) and out.meta["oba"]["max_rel_error"] < 1e-4
+
+
 # ------------------------------------------------------------------ Swin window attention
 def _swin_args(c=8, heads=2, ws=(4, 4), v2=False, seed=0):
     g = torch.Generator().manual_seed(seed)
