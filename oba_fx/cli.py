@@ -116,7 +116,7 @@ def cmd_prune(args) -> int:
         kwargs.update(data=calib, max_batches=args.calib_batches)
     pruned = prune_graph(model, x, **kwargs)
     acc["after"] = accuracy(pruned)
-    if args.bn_recal:
+    if args.bn_recal and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in pruned.modules()):
         recalibrate_bn(pruned, calib)
         acc["after + BN recalibration"] = accuracy(pruned)
     if args.finetune_epochs > 0:
