@@ -339,6 +339,7 @@ def _couple_getitem(ctx: Ctx) -> None:
             d += 1
         elif _single_gather(i, expanded):  # x[idx]: gathers along d, other dims pass
             ctx.b.pin(s)
+            ctx.b.pin_all(_spaces(i))  # the index's own dims are not carried
             d += 1
             od += len(_shape(i))
         else:
