@@ -101,9 +101,9 @@ class MultiheadAttention(nn.Module):
         q, k, v = (self._heads(t) for t in self._project(query, key, value))
         has_mask = attn_mask is not None or key_padding_mask is not None
         mask = _merge_masks(attn_mask, key_padding_mask, q.shape[0], self.num_heads, q.dtype) if has_mask else None
-        causal = is_causal and mask is None
+        # is_causal is only a hint beside the attn_mask that nn.MultiheadAttention requires with it
         p = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         b, n = out.shape[0], out.shape[2]
         out = self.out_proj(out.transpose(1, 2).reshape(b, n, -1))
         if not self.batch_first:
@@ -113,8 +113,6 @@ class MultiheadAttention(nn.Module):
         scores = q @ k.transpose(-2, -1) * (1.0 / math.sqrt(self.head_dim))
         if mask is not None:
             scores = scores + mask
-        elif causal:
-            scores = scores + _causal_mask(scores)
         weights = torch.softmax(scores, dim=-1)
         return out, (weights.mean(dim=1) if average_attn_weights else weights)
 
@@ -147,17 +145,9 @@ def _additive(m: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return m.to(dtype)
 
 
-def _causal_mask(scores: torch.Tensor) -> torch.Tensor:
-    """Additive causal mask ``(L, S)``: ``-inf`` above the diagonal."""
-    n, s = scores.shape[-2], scores.shape[-1]
-    upper = torch.ones(n, s, dtype=torch.bool, device=scores.device).triu(1)
-    return torch.zeros(n, s, dtype=scores.dtype, device=scores.device).masked_fill(upper, float("-inf"))
-
-
-# the mask helpers branch on ranks and dtypes: one opaque call each in a traced graph (their inputs
-# are masks, not channels; the op table has a rule for them)
+# the mask helper branches on ranks and dtypes: one opaque call in a traced graph (its inputs are
+# masks, not channels; the op table has a rule for it)
 torch.fx.wrap("_merge_masks")
-torch.fx.wrap("_causal_mask")
 
 
 def supports(m: nn.MultiheadAttention) -> bool:

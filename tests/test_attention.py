@@ -58,6 +58,15 @@ def test_stand_in_equals_multihead_attention_with_masks(mask_kind):
                                ref(q, kv, kv, need_weights=False, **kw)[0], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_stand_in_equals_multihead_attention_with_a_causal_hint(need_weights):
+    ref, ours = _pair(batch_first=True)
+    x, mask = torch.randn(2, 5, 8), nn.Transformer.generate_square_subsequent_mask(5)
+    a = ref(x, x, x, attn_mask=mask, is_causal=True, need_weights=need_weights)
+    b = ours(x, x, x, attn_mask=mask, is_causal=True, need_weights=need_weights)
+    torch.testing.assert_close(b[0], a[0], atol=1e-6, rtol=1e-5)
+
+
 def test_stand_in_equals_multihead_attention_with_separate_key_and_value_widths():
     ref, ours = _pair(kdim=5, vdim=3, batch_first=True)
     q, k, v = torch.randn(2, 4, 8), torch.randn(2, 6, 5), torch.randn(2, 6, 3)
@@ -356,6 +365,19 @@ def test_masked_norm_reference_is_what_a_smaller_layer_norm_computes():
     small = F.layer_norm(x[:, idx], (4,), ln.weight[idx], ln.bias[idx], ln.eps)
     torch.testing.assert_close(masked_norm(x * keep, keep, ln.weight, ln.bias, ln.eps, rms=False)[:, idx], small)
     assert not torch.allclose(ln(x * keep)[:, idx], small, atol=1e-3)
+
+
+def test_embed_width_prunes_rms_norm_channels():
+    """RMSNorm channels removed with embed_width: the slimmed norm equals the renormalised reference."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.RMSNorm(8), nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 2)).eval()
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+    out = oba_fx.prune_graph(model, torch.randn(3, 4), channel_ratio=0.4, embed_width=True)
+    kept = out.meta["oba"]["kept"]
+    assert len(kept["1.weight"][0]) < 8 and kept["0.weight"][0] == kept["1.weight"][0]
+    assert out.get_submodule("1").normalized_shape == (len(kept["1.weight"][0]),)
+    assert out.meta["oba"]["max_rel_error"] < 1e-4
 
 
 @pytest.mark.parametrize("name", ["swin", "convnext", "maxvit"])

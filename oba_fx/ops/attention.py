@@ -242,7 +242,7 @@ def _couple_masks(ctx: Ctx) -> None:
 
 
 MASKS = _register(OpRule("attention_mask", _couple_masks, None, None, "smooth"),
-                  functions=(_attn._merge_masks, _attn._causal_mask))
+                  functions=(_attn._merge_masks,))
 
 
 # ============================================================================ Swin window attention
