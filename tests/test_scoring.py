@@ -210,4 +210,8 @@ def test_fisher_accumulated_in_chunks_equals_one_chunk(monkeypatch):
     whole = score(model, data, criterion="obd_fisher", progress=False)
     monkeypatch.setattr(scoring, "FISHER_CHUNK_ELEMENTS", 200)  # two samples per chunk
     chunked = score(model, data, criterion="obd_fisher", progress=False)
-    assert all(relative_error(chunked[n], whole[n]) < 1e-12 for n in whole)
+    # some tensors' Fisher scores are ~1e-37 (rounding noise): compare every tensor against an
+    # absolute floor scaled to the largest score of the model, not against its own magnitude
+    scale = max(float(t.abs().max()) for t in whole.values())
+    assert scale > 0
+    assert all(float((chunked[n] - whole[n]).abs().max()) <= 1e-12 * scale for n in whole)
