@@ -5,7 +5,7 @@ reported):
 
 * ours, analysis: ``oba_fx.passes.pipeline.analyze_model`` (trace + shape propagation +
   channel coupling);
-* ours, scores:   ``oba_fx.importance.data_free_scores(gm, "l1")``;
+* ours, scores:   ``oba_fx.score(gm, None, criterion="l1")``;
 * ours, prune:    ``oba_fx.passes.pipeline.prune(gm, x, scores, Target("channels", 0.3),
   verify=False)`` (select + slim);
 * theirs, analysis: ``tp.DependencyGraph().build_dependency(model, x)`` on a fresh deepcopy;
@@ -104,7 +104,7 @@ def tp_macs(tp, model: nn.Module, x: torch.Tensor) -> int:
 
 # ----------------------------------------------------------------------------------------- ours
 def time_ours(model: nn.Module, x: torch.Tensor, ratio: float, runs: int) -> dict[str, Any]:
-    from oba_fx.importance import data_free_scores
+    from oba_fx.scoring import score
     from oba_fx.passes.pipeline import analyze_model, prune
     from oba_fx.select import Target
 
@@ -115,7 +115,7 @@ def time_ours(model: nn.Module, x: torch.Tensor, ratio: float, runs: int) -> dic
             t0 = time.perf_counter()
             gm = analyze_model(model, (x,))
             t1 = time.perf_counter()
-            scores = data_free_scores(gm, "l1")
+            scores = score(gm, None, criterion="l1")
             t2 = time.perf_counter()
             out = prune(gm, (x,), scores, Target("channels", ratio), verify=False)
             t3 = time.perf_counter()
@@ -297,14 +297,14 @@ def _print(lines: list[list[str]]) -> None:
 def profile(name: str, stage: str = "analysis", top: int = 10) -> None:
     """cProfile one ``analyze_model`` (stage "analysis") or one ``prune`` (stage "prune") call and
     print the ``top`` oba_fx functions by cumulative time."""
-    from oba_fx.importance import data_free_scores
+    from oba_fx.scoring import score
     from oba_fx.passes.pipeline import analyze_model, prune
     from oba_fx.select import Target
 
     model, x = build(name), torch.randn(1, 3, 224, 224)
     analyze_model(model, (x,))  # warm-up (imports, caches)
     gm = analyze_model(model, (x,)) if stage == "prune" else None
-    scores = data_free_scores(gm, "l1") if gm is not None else None
+    scores = score(gm, None, criterion="l1") if gm is not None else None
     pr = cProfile.Profile()
     t0 = time.perf_counter()
     pr.enable()

@@ -7,7 +7,7 @@ For each model (eval mode, random weights, CIFAR-sized 3x32x32 inputs, 10 classe
 * ``fused functional`` / ``fused full``: :func:`oba_fx.hvp.fused_hvp` in eager mode (one dual
   forward and one backward: loss, gradient and ``H_F θ`` or ``H θ``);
 * ``program functional (+g)`` / ``program functional`` / ``program full (+g)``: the generated,
-  simplified FX program (:func:`oba_fx.hvp.build_hvp_program`), with and without the gradient
+  simplified FX program (:func:`oba_fx.hvp_program.build_hvp_program`), with and without the gradient
   as an output (``score(criterion="oba")`` with ``first_order=0`` needs none); its one-off
   build time (make_fx trace + simplification) is printed separately;
 * ``torch.func jvp(grad)``: ``torch.func.jvp(torch.func.grad(loss), (θ,), (θ,))``, the generic
@@ -51,7 +51,8 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
 
-from oba_fx.hvp import build_hvp_program, fused_hvp
+from oba_fx.hvp import fused_hvp
+from oba_fx.hvp_program import build_hvp_program
 
 BATCH = 64
 THREADS = 2

@@ -119,7 +119,7 @@ def take(loader, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def accuracies(model, loaders: dict[str, Any]) -> dict[str, float]:
-    from oba_fx.data import evaluate
+    from oba_fx.evaluate import evaluate
 
     return {name: evaluate(model, ld) for name, ld in loaders.items()}
 

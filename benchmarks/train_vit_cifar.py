@@ -116,7 +116,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     from tqdm.auto import tqdm
 
-    from oba_fx.data import cifar10_loader, data_dir, evaluate
+    from oba_fx.data import cifar10_loader, data_dir
+    from oba_fx.evaluate import evaluate
     from oba_fx.io import atomic_save
     from oba_fx.models.vit_cifar import vit_cifar
 

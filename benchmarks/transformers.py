@@ -29,6 +29,7 @@ import torch
 import torchvision
 
 import oba_fx
+from oba_fx.criteria import get_criterion
 
 log = logging.getLogger("transformers")
 
@@ -65,7 +66,7 @@ def run_one(name: str, criterion: str, args) -> dict:
             for _ in range(args.calib)]
     t = time.perf_counter()
     out = oba_fx.prune_graph(model, x, criterion=criterion, target_flops=args.ratio,
-                             data=None if criterion in ("l1", "l2", "random") else data, verbose=False)
+                             data=data if get_criterion(criterion).needs_data else None, verbose=False)
     wall = time.perf_counter() - t
     r = out.meta["oba"]
     return {"model": name, "criterion": criterion, "seconds": round(wall, 1),

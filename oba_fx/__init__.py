@@ -1,6 +1,10 @@
 """oba_fx: structured pruning with exact second-order (Optimal Brain Apoptosis) scores, as
 torch.fx compiler passes.
 
+The public names below are loaded on first use (module ``__getattr__``), so importing a light
+part of the package (``oba_fx.criteria``, ``oba_fx.errors``, one pass of ``oba_fx.passes``) does
+not import the whole face of it (:mod:`oba_fx.api`).
+
 Example:
     >>> import torch, oba_fx
     >>> m = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
@@ -9,14 +13,35 @@ Example:
     24
 """
 
-from .api import explain, hessian_structure, prune_graph
-from .bn import recalibrate_bn
-from .finetune import FinetuneResult, finetune
-from .io import load, save
-from .scoring import score
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from .errors import MissingAnalysisError, OBAError, SurgeryError, TraceError, VerificationError
 
-__all__ = ["prune_graph", "explain", "hessian_structure", "finetune", "FinetuneResult", "save", "load", "score",
-           "recalibrate_bn", "OBAError", "TraceError", "SurgeryError", "VerificationError",
-           "MissingAnalysisError"]
+#: public name -> the module that defines it (imported on first access)
+_LAZY = {
+    "prune_graph": "oba_fx.api", "explain": "oba_fx.api", "hessian_structure": "oba_fx.api",
+    "recalibrate_bn": "oba_fx.bn",
+    "finetune": "oba_fx.finetune", "FinetuneResult": "oba_fx.finetune",
+    "save": "oba_fx.io", "load": "oba_fx.io",
+    "score": "oba_fx.scoring",
+    "register_criterion": "oba_fx.criteria", "criterion_names": "oba_fx.criteria",
+}
+
+__all__ = [*_LAZY, "OBAError", "TraceError", "SurgeryError", "VerificationError", "MissingAnalysisError"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'oba_fx' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

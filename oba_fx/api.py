@@ -1,6 +1,7 @@
-"""Public entry points: :func:`prune_graph` and :func:`explain`.
+"""Public entry points: :func:`prune_graph`, :func:`explain`, :func:`hessian_structure`.
 
-These are thin: they validate arguments and run :mod:`oba_fx.passes.pipeline`.
+These are thin: they validate arguments, build a :class:`oba_fx.passes.pipeline.PruneConfig`
+and run :mod:`oba_fx.passes.pipeline`, the one module that orders the passes.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from .importance import CRITERIA, param_scores
+from .criteria import criterion_names, get_criterion
+from .passes.pipeline import PruneConfig, analyze_model, run
 from .select import Target
 from .tracing import as_tuple
 
@@ -70,8 +72,9 @@ def prune_graph(model: nn.Module, example_inputs: Any, *, criterion: str = "l1",
     Args:
         model: the network.
         example_inputs: a tensor or a tuple of positional inputs; drives tracing, shapes and FLOPs.
-        criterion: ``"l1"``, ``"l2"``, ``"random"`` (data-free) or ``"oba"``, ``"taylor"``,
-            ``"obd_fisher"``, ``"obd_hutchinson"`` (need ``data``).
+        criterion: a registered criterion (:mod:`oba_fx.criteria`): ``"l1"``, ``"l2"``,
+            ``"random"`` (data-free) or ``"oba"``, ``"taylor"``, ``"obd_fisher"``,
+            ``"obd_hutchinson"`` (need ``data``), or one you registered.
         channel_ratio: fraction of prunable channels to remove, in [0, 1).
         target_flops: fraction of FLOPs to keep, in (0, 1].
         target_params: fraction of parameters to keep, in (0, 1].
@@ -112,34 +115,21 @@ def prune_graph(model: nn.Module, example_inputs: Any, *, criterion: str = "l1",
         >>> out.get_submodule("0").out_channels, out.meta["oba"]["flops_after"] < out.meta["oba"]["flops_before"]
         (8, True)
     """
-    from .bn import recalibrate_bn
-    from .passes.pipeline import run
-
-    if criterion not in CRITERIA:
-        raise ValueError(f"unknown criterion {criterion!r}; expected one of {', '.join(CRITERIA)}")
+    crit = get_criterion(criterion)
     target = _target(channel_ratio, target_flops, target_params, max_layer_ratio, round_to, min_channels)
     if int(steps) != steps or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps}")
-    inputs = as_tuple(example_inputs)
-    frozen = _module_names(model, ignore)
-    kw: dict[str, Any] = {"seed": seed}
-    if criterion not in ("l1", "l2", "random"):
-        kw.update(hessian=hessian, loss_fn=loss_fn, max_batches=max_batches, progress=verbose)
-    if criterion not in ("l1", "l2", "random") and data is None:
-        param_scores(model, criterion, None)  # raises the "needs data" error before any work
-
-    def score_fn(gm: torch.fx.GraphModule):
-        return param_scores(gm, criterion, data, **kw)
-
-    out = run(model, inputs, score_fn, target, steps=int(steps), verify=verify, rtol=rtol, progress=verbose,
-              analysis={"leaf_modules": leaf_modules, "concrete_args": concrete_args, "frozen_modules": frozen,
-                        "norm_width": embed_width})
-    out.meta["oba"]["criterion"] = criterion
-    out.meta["oba"]["bn_recalibrated"] = False
-    if bn_recalibration and data is not None and any(
-            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in out.modules()):
-        recalibrate_bn(out, data, max_batches)
-        out.meta["oba"]["bn_recalibrated"] = True
+    if crit.needs_data and data is None:
+        raise ValueError(
+            f"criterion {criterion!r} needs calibration data: pass data=<iterable of (inputs, targets)>, "
+            f"or use a data-free criterion ({', '.join(criterion_names(needs_data=False))})")
+    config = PruneConfig(
+        criterion=criterion, target=target, data=data, max_batches=max_batches, steps=int(steps), verify=verify,
+        rtol=rtol, bn_recalibration=bn_recalibration, progress=verbose,
+        score_options={"seed": seed, "hessian": hessian, "loss_fn": loss_fn},
+        analysis={"leaf_modules": leaf_modules, "concrete_args": concrete_args,
+                  "frozen_modules": _module_names(model, ignore), "norm_width": embed_width})
+    out = run(model, as_tuple(example_inputs), config)
     out.train(model.training)
     return out
 
@@ -164,16 +154,13 @@ def explain(model: nn.Module, example_inputs: Any, *, path: str | Path | None = 
         ['0.bias', '0.weight']
     """
     from .graphs import coupling_graph, write_graph
-    from .passes.pipeline import analyze_model
 
     gm = analyze_model(model, as_tuple(example_inputs), leaf_modules=leaf_modules, concrete_args=concrete_args)
     G = coupling_graph(gm.meta["oba.coupling"])
     if path is not None:
         write_graph(G, path)
     if hessian_path is not None:
-        from .hessian_blocks import block_structure
-
-        write_graph(block_structure(gm), hessian_path)
+        write_graph(gm.meta["oba.hessian_structure"], hessian_path)
     return G
 
 
@@ -193,7 +180,5 @@ def hessian_structure(model: nn.Module, example_inputs: Any, *, leaf_modules: It
         >>> sorted(G.edges(data="kind"))
         [('0', '0', 'parallel'), ('0', '2', 'series')]
     """
-    from .passes.pipeline import analyze_model
-
     gm = analyze_model(model, as_tuple(example_inputs), leaf_modules=leaf_modules, concrete_args=concrete_args)
     return gm.meta["oba.hessian_structure"]

@@ -15,6 +15,8 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
+from .batches import inputs_of, module_device, take, to_device
+
 
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, batches: Iterable, max_batches: int | None = None) -> nn.Module:
@@ -30,11 +32,9 @@ def recalibrate_bn(model: nn.Module, batches: Iterable, max_batches: int | None 
         bn.momentum = None  # cumulative moving average = exact mean over batches
     model.train()
     try:
-        for i, batch in enumerate(batches):
-            if max_batches is not None and i >= max_batches:
-                break
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            model(x)
+        device = module_device(model)
+        for batch in take(batches, max_batches):
+            model(to_device(inputs_of(batch), device))
     finally:
         for bn, mom in saved:
             bn.momentum = mom

@@ -17,8 +17,12 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from .criteria import REGISTRY, get_criterion
+
+if TYPE_CHECKING:  # the command line checks its arguments before torch is imported
+    import torch
 
 log = logging.getLogger("oba_fx.cli")
 
@@ -38,8 +42,10 @@ def _weights_path(args, data: Path) -> Path | None:
     return None
 
 
-def layer_table(report: dict, before: torch.nn.Module, after: torch.nn.Module) -> str:
+def layer_table(report: dict, before: "torch.nn.Module", after: "torch.nn.Module") -> str:
     """Per-layer channels (out) and parameters, before and after."""
+    import torch
+
     rows = [f"{'layer':34s} {'out ch before':>13s} {'after':>6s} {'params before':>13s} {'after':>8s}"]
     for name, m in before.named_modules():
         w = getattr(m, "weight", None)
@@ -57,6 +63,7 @@ def layer_table(report: dict, before: torch.nn.Module, after: torch.nn.Module) -
 
 def _loaders(args, root: Path) -> dict:
     """Test, calibration and training loaders for ``--dataset`` (npz folder or torchvision)."""
+    import torch
     from torch.utils.data import DataLoader, Subset
 
     from .data import cifar10_loader, torchvision_cifar
@@ -86,9 +93,12 @@ def _loaders(args, root: Path) -> dict:
 
 
 def cmd_prune(args) -> int:
+    import torch
+
     from . import prune_graph
     from .bn import recalibrate_bn
-    from .data import data_dir, evaluate
+    from .data import data_dir
+    from .evaluate import evaluate
     from .models import get_model
 
     if not 0.0 < args.target_flops <= 1.0:
@@ -112,7 +122,7 @@ def cmd_prune(args) -> int:
     acc = {"before": accuracy(model)}
     kwargs = dict(criterion=args.criterion, target_flops=args.target_flops, steps=args.steps, bn_recalibration=False,
                   verbose=not args.quiet)
-    if args.criterion not in ("l1", "l2", "random"):
+    if get_criterion(args.criterion).needs_data:
         kwargs.update(data=calib, max_batches=args.calib_batches)
     pruned = prune_graph(model, x, **kwargs)
     acc["after"] = accuracy(pruned)
@@ -143,6 +153,8 @@ def cmd_prune(args) -> int:
 
 
 def cmd_explain(args) -> int:
+    import torch
+
     from . import explain
     from .models import get_model
 
@@ -158,7 +170,8 @@ def cmd_explain(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .data import cifar10_loader, data_dir, evaluate
+    from .data import cifar10_loader, data_dir
+    from .evaluate import evaluate
     from .io import load
     from .models import get_model
 
@@ -181,7 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="npz: a folder like the project's CIFAR-10 arrays; cifar10/cifar100: torchvision datasets")
     pr.add_argument("--download", action="store_true", help="let torchvision download CIFAR (needs internet)")
     pr.add_argument("--target-flops", type=float, default=0.5, help="retained FLOPs fraction (default 0.5)")
-    pr.add_argument("--criterion", default="l1", help="l1, l2, random, oba, taylor, obd_fisher, obd_hutchinson")
+    pr.add_argument("--criterion", default="l1", choices=list(REGISTRY), metavar="NAME",
+                    help="pruning criterion (default l1): " + "; ".join(
+                        f"{c.name}: {c.description}" + (" [needs data]" if c.needs_data else "")
+                        for c in REGISTRY.values()))
     pr.add_argument("--calib-batches", type=int, default=16,
                     help="calibration batches (scores of data-driven criteria, BN recalibration)")
     pr.add_argument("--batch-size", type=int, default=64)

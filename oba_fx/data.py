@@ -14,7 +14,8 @@ Normalisation: the pretrained CIFAR ResNets (akamaster) were trained with the Im
 
 Example:
     >>> import os
-    >>> from oba_fx.data import data_dir, cifar10_loader, evaluate
+    >>> from oba_fx.data import data_dir, cifar10_loader
+    >>> from oba_fx.evaluate import evaluate
     >>> from oba_fx.models import get_model
     >>> d = data_dir()                                   # doctest: +SKIP
     >>> loader = cifar10_loader(d, "test_lossless1k", batch_size=250)   # doctest: +SKIP
@@ -32,7 +33,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 __all__ = [
@@ -42,7 +42,6 @@ __all__ = [
     "STD",
     "cifar10_loader",
     "data_dir",
-    "evaluate",
     "load_cifar10_npz",
     "normalize",
     "torchvision_cifar",
@@ -281,56 +280,3 @@ def torchvision_cifar(
     return classes[dataset](
         root=os.path.expanduser(os.fspath(root)), train=train, download=download, transform=T.Compose(steps)
     )
-
-
-def module_device(model: nn.Module) -> torch.device:
-    """The device of the first parameter (or buffer) of ``model``; CPU if it has none."""
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
-def evaluate(model: nn.Module, loader, max_batches: int | None = None) -> float:
-    """Top-1 accuracy of ``model`` on ``loader``, as a fraction in [0, 1].
-
-    Runs in eval mode under ``torch.no_grad()`` and restores the model's previous train/eval mode.
-    Batches are moved to the device of the model's first parameter.
-
-    Args:
-        model: A classifier returning logits (N, C).
-        loader: Iterable of ``(x, y)`` batches.
-        max_batches: Stop after this many batches.
-
-    Returns:
-        Correct predictions / images seen (0.0 if the loader is empty).
-
-    Example:
-        >>> import torch
-        >>> from torch.utils.data import DataLoader, TensorDataset
-        >>> model = torch.nn.Linear(2, 2)
-        >>> with torch.no_grad():
-        ...     _ = model.weight.copy_(torch.eye(2)); _ = model.bias.zero_()
-        >>> x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]); y = torch.tensor([0, 1, 1])
-        >>> evaluate(model, DataLoader(TensorDataset(x, y), batch_size=2))
-        0.6666666666666666
-    """
-    device = module_device(model)
-    was_training = model.training
-    model.eval()
-    correct = total = 0
-    try:
-        with torch.no_grad():
-            for i, (x, y) in enumerate(loader):
-                if max_batches is not None and i >= max_batches:
-                    break
-                x, y = x.to(device), y.to(device)
-                pred = model(x).argmax(dim=1)
-                correct += int((pred == y).sum())
-                total += int(y.numel())
-    finally:
-        model.train(was_training)
-    acc = correct / total if total else 0.0
-    logger.info("top-1 %.4f on %d images", acc, total)
-    return acc

@@ -59,7 +59,8 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .data import evaluate, module_device
+from .batches import module_device
+from .evaluate import evaluate
 from .io import atomic_save
 
 __all__ = ["CHECKPOINT_NAME", "FinetuneResult", "finetune"]

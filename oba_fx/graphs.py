@@ -18,7 +18,7 @@ from pathlib import Path
 import networkx as nx
 import numpy as np
 
-from .coupling import Coupling
+from .spaces import Coupling
 
 
 def coupling_graph(c: Coupling) -> nx.Graph:

@@ -27,7 +27,6 @@ Example:
 
 from __future__ import annotations
 
-import operator
 from typing import Any
 
 import networkx as nx
@@ -35,9 +34,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from .ops import rule_for_node
-
-_DIV = {operator.truediv, operator.itruediv, torch.div, torch.true_divide, "div", "div_"}
+from .ops import Curvature, is_size_value, rule_for_node
 
 
 def _layer_of(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str | None:
@@ -51,16 +48,6 @@ def _layer_of(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str | None:
         if any(p.requires_grad for p in m.parameters(recurse=True)):
             return node.target
     return None
-
-
-def _is_size(node: torch.fx.Node) -> bool:
-    if node.op == "call_function" and node.target is getattr:
-        return True
-    if node.op == "call_method" and node.target in ("size", "dim", "numel", "ndimension"):
-        return True
-    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], torch.fx.Node):
-        return _is_size(node.args[0])
-    return False
 
 
 def _attention_scores_inputs(node: torch.fx.Node) -> list[Any]:
@@ -115,25 +102,24 @@ def block_structure(gm: torch.fx.GraphModule) -> nx.Graph:
         ins = list(node.all_input_nodes) if node.op != "get_attr" else []
         in_sets = [ups(a) for a in ins]
         reach = frozenset().union(*in_sets) if in_sets else frozenset()
-        if _is_size(node):  # x.shape, x.size(1), ...: integers, no derivative
+        if is_size_value(node):  # x.shape, x.size(1), ...: integers, no derivative
             up[node.name] = frozenset()
             continue
         rule = rule_for_node(gm, node) if node.op != "get_attr" else None
-        curv = rule.curvature if rule is not None else ("none" if node.op == "get_attr" else "unknown")
-        if node.op == "call_module" and curv == "layer":
-            m = gm.get_submodule(node.target)
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or not m.track_running_stats):
-                curv = "smooth+layer"
-        if curv in ("smooth", "unknown", "smooth+layer"):
+        if rule is not None:
+            curv = rule.curvature_for(gm, node)
+        else:
+            curv = Curvature.NONE if node.op == "get_attr" else Curvature.UNKNOWN
+        if curv in (Curvature.SMOOTH, Curvature.UNKNOWN, Curvature.SMOOTH_LAYER):
             mix(in_sets, cross_only=False)
-        elif curv == "attention":  # softmax(q kᵀ + mask) v: smooth in (q, k, mask), linear in v
+        elif curv == Curvature.ATTENTION:  # softmax(q kᵀ + mask) v: smooth in (q, k, mask), linear in v
             qk = frozenset().union(*(ups(a) for a in _attention_scores_inputs(node)))
             v = ups(node.args[2]) if len(node.args) > 2 else ups(node.kwargs.get("value"))
             mix([qk], cross_only=False)
             mix([qk, v], cross_only=True)
             for a in qk & v:
                 add(a, a, "parallel")
-        elif curv == "bilinear":
+        elif curv in (Curvature.BILINEAR, Curvature.QUOTIENT):
             tensors = [a for a in node.args if isinstance(a, torch.fx.Node)]
             operands = tensors[:2] if len(tensors) >= 2 else ins
             operand_sets = [ups(a) for a in operands]
@@ -148,12 +134,12 @@ def block_structure(gm: torch.fx.GraphModule) -> nx.Graph:
             if len(operand_sets) == 2:
                 for a in operand_sets[0] & operand_sets[1]:
                     add(a, a, "parallel")
-            if node.target in _DIV and len(node.args) >= 2:  # 1/v is smooth in v
+            if curv == Curvature.QUOTIENT and len(node.args) >= 2:  # 1/v is smooth in v
                 mix([ups(node.args[1])], cross_only=False)
         if layer is not None and node.op == "call_module":
             for a in reach:  # the layer's (W, X) cross term
                 add(layer, a, "series")
-            if curv == "unknown":  # a parameterised op we do not understand: assume it mixes
+            if curv == Curvature.UNKNOWN:  # a parameterised op we do not understand: assume it mixes
                 for a in reach | {layer}:
                     add(layer, a, "parallel")
                 add(layer, layer, "parallel")

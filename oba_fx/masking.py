@@ -25,8 +25,9 @@ import torch
 import torch.fx
 
 from . import meta as M
+from .ops import rule_for_node
 from .tracing import clone
-from .coupling import Coupling, TensorSpaces
+from .spaces import Coupling, TensorSpaces
 
 
 def masked_norm(x: torch.Tensor, keep: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -59,10 +60,8 @@ def masked_norm(x: torch.Tensor, keep: torch.Tensor, weight: torch.Tensor | None
 
 def _renormalise(out: torch.fx.GraphModule, node: torch.fx.Node, c: Coupling, removed: np.ndarray, k: int) -> bool:
     """Replace a LayerNorm / RMSNorm whose normalised channels lose some by :func:`masked_norm`."""
-    from .ops import rule_for_node
-
     rule = rule_for_node(out, node) if node.op in ("call_module", "call_function") else None
-    if rule is None or rule.name not in ("layer_norm", "rms_norm"):
+    if rule is None or rule.renormalises is None:
         return False
     x = node.args[0]
     ts = x.meta.get(M.SPACES) if isinstance(x, torch.fx.Node) else None
@@ -86,7 +85,7 @@ def _renormalise(out: torch.fx.GraphModule, node: torch.fx.Node, c: Coupling, re
             w = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
             b = node.args[3] if len(node.args) > 3 else node.kwargs.get("bias")
             eps = node.args[4] if len(node.args) > 4 else node.kwargs.get("eps", 1e-5)
-        new = out.graph.call_function(masked_norm, (x, keep_node, w, b, eps, rule.name == "rms_norm"))
+        new = out.graph.call_function(masked_norm, (x, keep_node, w, b, eps, rule.renormalises == "rms"))
     new.meta = dict(node.meta)
     node.replace_all_uses_with(new)
     out.graph.erase_node(node)

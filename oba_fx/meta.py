@@ -24,10 +24,12 @@ from .errors import MissingAnalysisError
 
 #: node.meta: ``torch.fx.passes.shape_prop.TensorMetadata`` (written by ShapeProp)
 TENSOR_META = "tensor_meta"
-#: node.meta: :class:`oba_fx.coupling.NodeSpaces` — channel index spaces of the node's value
+#: node.meta: :class:`oba_fx.spaces.TensorSpaces` — channel index spaces of the node's value
 SPACES = "oba.spaces"
-#: gm.meta: :class:`oba_fx.coupling.Coupling` — element-level coupling of the whole graph
+#: gm.meta: :class:`oba_fx.spaces.Coupling` — element-level coupling of the whole graph
 COUPLING = "oba.coupling"
+#: gm.meta: per-parameter importance scores (a read-only mapping name -> tensor)
+SCORES = "oba.scores"
 #: gm.meta: :class:`oba_fx.select.Selection` — which units are removed
 SELECTION = "oba.selection"
 #: gm.meta: the Hessian block structure (a networkx graph), see ``oba_fx.hessian_blocks``
@@ -36,18 +38,22 @@ HESSIAN_STRUCTURE = "oba.hessian_structure"
 HVP_PROGRAM = "oba.hvp_program"
 #: gm.meta on a slimmed graph: the relative error of the slimmed == masked check
 VERIFIED = "oba.verified"
+#: gm.meta on a slimmed graph: whether BatchNorm statistics were re-estimated
+BN_RECALIBRATED = "oba.bn_recalibrated"
 #: gm.meta on the returned model: the report dict (flops, params, kept indices, ...)
 REPORT = "oba"
 
 #: which pass writes each key (used in error messages)
 PRODUCERS = {
-    TENSOR_META: "oba_fx.passes.trace.TracePass (shape propagation)",
+    TENSOR_META: "oba_fx.passes.shape_prop.ShapePropPass",
     SPACES: "oba_fx.passes.coupling.CouplingPass",
     COUPLING: "oba_fx.passes.coupling.CouplingPass",
+    SCORES: "oba_fx.passes.score.ScorePass",
     SELECTION: "oba_fx.passes.select.SelectPass",
     HESSIAN_STRUCTURE: "oba_fx.passes.hessian_structure.HessianStructurePass",
     HVP_PROGRAM: "oba_fx.passes.hvp_codegen.HVPCodegen",
     VERIFIED: "oba_fx.passes.verify.VerifyPass",
+    BN_RECALIBRATED: "oba_fx.passes.bn_recalibration.BNRecalibrationPass",
 }
 
 

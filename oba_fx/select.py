@@ -1,7 +1,7 @@
 """Turning per-parameter scores into removed units, against a target.
 
 Scores arrive per parameter (``{name: tensor of the parameter's shape}``, see
-:mod:`oba_fx.importance`). For each prunable unit, each member layer's entries are summed
+:mod:`oba_fx.criteria`, :func:`oba_fx.score`). For each prunable unit, each member layer's entries are summed
 (signed), the absolute value taken, averaged over the member layers, normalised by the
 maximum in the unit's coupling group, and all units are ranked globally (DESIGN.md §2).
 
@@ -21,7 +21,7 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
-from .coupling import Coupling
+from .spaces import Coupling
 
 log = logging.getLogger(__name__)
 

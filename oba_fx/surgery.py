@@ -27,9 +27,9 @@ import torch.fx
 import torch.nn as nn
 
 from .tracing import clone, propagate_shapes
-from .coupling import Coupling
+from .spaces import Coupling
 from .errors import SurgeryError
-from .ops import _shape, new_shape, rule_for_node, slim_node
+from .ops import shape_of, new_shape, rule_for_node, slim_node
 
 
 def _owner(gm: nn.Module, qualname: str) -> tuple[nn.Module, str]:
@@ -46,7 +46,7 @@ def slim(gm: torch.fx.GraphModule, c: Coupling, removed: np.ndarray,
     Raises:
         SurgeryError: if a new shape differs from the predicted one.
     """
-    expected = {n.name: new_shape(n, c, removed) for n in gm.graph.nodes if _shape(n) is not None}
+    expected = {n.name: new_shape(n, c, removed) for n in gm.graph.nodes if shape_of(n) is not None}
     out = clone(gm)
     done_modules: set[str] = set()
     for node in out.graph.nodes:
@@ -81,7 +81,7 @@ def check_shapes(gm: torch.fx.GraphModule, expected: dict[str, tuple], example_i
         raise SurgeryError(f"the slimmed graph does not run: {type(e).__name__}: {e}") from e
     for node in gm.graph.nodes:
         want = expected.get(node.name)
-        got = _shape(node)
+        got = shape_of(node)
         if want is not None and got is not None and tuple(got) != tuple(want):
             rule = rule_for_node(gm, node) if node.op.startswith("call") else None
             raise SurgeryError(

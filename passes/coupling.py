@@ -6,15 +6,17 @@ import logging
 from typing import Iterable
 
 import torch.fx
-from torch.fx.passes.infra.pass_base import PassBase, PassResult
+from torch.fx.passes.infra.pass_base import PassResult
 
 from oba_fx import meta as M
 from oba_fx.coupling import analyze
 
+from .base import OBAPass
+
 log = logging.getLogger(__name__)
 
 
-class CouplingPass(PassBase):
+class CouplingPass(OBAPass):
     """Element-level coupling (:func:`oba_fx.coupling.analyze`).
 
     Args:
@@ -30,6 +32,8 @@ class CouplingPass(PassBase):
         >>> int(gm.meta["oba.coupling"].prunable.sum())
         4
     """
+
+    ENSURES = (M.COUPLING,)
 
     def __init__(self, frozen_modules: Iterable[str] = (), norm_width: bool = False) -> None:
         super().__init__()

@@ -1,4 +1,4 @@
-"""Fused HVP program: ``gm.meta["oba.hvp_program"]`` (:class:`oba_fx.hvp.HVPProgram`)."""
+"""Fused HVP program: ``gm.meta["oba.hvp_program"]`` (:class:`oba_fx.hvp_program.HVPProgram`)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,17 @@ import torch.fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from oba_fx import meta as M
-from oba_fx.hvp import LossFn, build_hvp_program, check_hessian
+from oba_fx.hvp import LossFn, check_hessian
+from oba_fx.hvp_program import build_hvp_program
 
 
 class HVPCodegen(PassBase):
     """Generate ONE fused FX program computing ``(loss, grads..., H θ...)`` for a batch.
 
-    The program (:func:`oba_fx.hvp.build_hvp_program`) is an aten-level ``torch.fx.GraphModule``
+    The program (:func:`oba_fx.hvp_program.build_hvp_program`) is an aten-level ``torch.fx.GraphModule``
     whose placeholders are the scored parameters, the other parameters, the buffers, ``x`` and
     ``y``; it is stored with its Hessian mode and parameter order as an
-    :class:`oba_fx.hvp.HVPProgram` under ``gm.meta["oba.hvp_program"]``, where
+    :class:`oba_fx.hvp_program.HVPProgram` under ``gm.meta["oba.hvp_program"]``, where
     :func:`oba_fx.scoring.score` picks it up. ``gm`` itself is not changed.
 
     Args:

@@ -2,29 +2,32 @@
 
 from __future__ import annotations
 
-from typing import Mapping
-
-import torch
 import torch.fx
-from torch.fx.passes.infra.pass_base import PassBase, PassResult
+from torch.fx.passes.infra.pass_base import PassResult
 
 from oba_fx import meta as M
 from oba_fx.select import Target, select
 
+from .base import OBAPass
 
-class SelectPass(PassBase):
-    """Rank units by ``scores`` (per-parameter) and remove them until ``target`` is met
-    (at most ``max_units``; ``absolute``: the budget as a number, see :func:`oba_fx.select.select`).
 
-    Reads ``gm.meta["oba.coupling"]``; writes :class:`oba_fx.select.Selection`.
+class SelectPass(OBAPass):
+    """Rank units by the per-parameter scores of ``gm.meta["oba.scores"]`` and remove them until
+    ``target`` is met (at most ``max_units``; ``absolute``: the budget as a number, see
+    :func:`oba_fx.select.select`).
+
+    Reads ``gm.meta["oba.coupling"]`` and ``gm.meta["oba.scores"]``; writes
+    :class:`oba_fx.select.Selection`.
     """
 
-    def __init__(self, scores: Mapping[str, torch.Tensor], target: Target, max_units: int | None = None,
-                 absolute: float | None = None) -> None:
+    REQUIRES = (M.COUPLING, M.SCORES)
+    ENSURES = (M.SELECTION,)
+
+    def __init__(self, target: Target, max_units: int | None = None, absolute: float | None = None) -> None:
         super().__init__()
-        self.scores, self.target, self.max_units, self.absolute = scores, target, max_units, absolute
+        self.target, self.max_units, self.absolute = target, max_units, absolute
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
-        c = M.graph_meta(gm, M.COUPLING)
-        gm.meta[M.SELECTION] = select(gm, c, self.scores, self.target, self.max_units, self.absolute)
+        c, scores = gm.meta[M.COUPLING], gm.meta[M.SCORES]
+        gm.meta[M.SELECTION] = select(gm, c, scores, self.target, self.max_units, self.absolute)
         return PassResult(gm, False)

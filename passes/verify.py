@@ -6,16 +6,20 @@ from typing import Any, Sequence
 
 import torch
 import torch.fx
-from torch.fx.passes.infra.pass_base import PassBase, PassResult
+from torch.fx.passes.infra.pass_base import PassResult
 
 from oba_fx import meta as M
 from oba_fx.verify import compare
 
+from .base import OBAPass
 
-class VerifyPass(PassBase):
+
+class VerifyPass(OBAPass):
     """Raise :class:`oba_fx.errors.VerificationError` if ``gm`` differs from ``reference``
     on ``example_inputs`` by more than ``rtol`` (relative to the reference's largest value);
     else record the relative error in ``gm.meta["oba.verified"]``."""
+
+    ENSURES = (M.VERIFIED,)
 
     def __init__(self, reference: torch.nn.Module, example_inputs: Sequence[Any], rtol: float = 1e-4) -> None:
         super().__init__()

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.fx
 
-from oba_fx.data import cifar10_loader, evaluate, load_cifar10_npz
+from oba_fx.data import cifar10_loader, load_cifar10_npz
+from oba_fx.evaluate import evaluate
 from oba_fx.data import data_dir as resolve_data_dir  # the name data_dir is the conftest fixture
 from oba_fx.models import get_model, list_models, load_checkpoint
 

@@ -320,7 +320,8 @@ def test_option_a_cifar_resnet_prunes_to_half_flops_with_rewritten_pads(name, da
 
 @pytest.mark.parametrize("name", list(WEIGHTS))
 def test_pruned_option_a_resnet_accuracy_is_a_fraction(name, data_dir):
-    from oba_fx.data import cifar10_loader, evaluate
+    from oba_fx.data import cifar10_loader
+    from oba_fx.evaluate import evaluate
     from oba_fx.models import get_model
 
     model = get_model(name, weights=data_dir / "weights" / WEIGHTS[name]).eval()

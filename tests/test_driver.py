@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 import oba_fx
-from oba_fx.passes.pipeline import compose_kept
+from oba_fx.report import compose_kept
 from oba_fx.schedule import channel_ceiling, exponential_schedule, units_this_step
 
 

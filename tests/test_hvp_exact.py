@@ -17,7 +17,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 from hessian_oracle import (CASES, IDS, one_thread_per_test,  # noqa: F401
                             TOY_MODELS, batch_hessians, dense_case, finite_difference_check, flat_params,
                             make_toy, math_attention, relative_error)
-from oba_fx.hvp import HVPProgram, build_hvp_program, fused_hvp
+from oba_fx.hvp import fused_hvp
+from oba_fx.hvp_program import HVPProgram, build_hvp_program
 from oba_fx.passes.hvp_codegen import HVPCodegen
 
 RTOL = 1e-8

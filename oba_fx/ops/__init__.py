@@ -9,14 +9,9 @@ FLOPs follow fvcore's convention (one multiply-add = one FLOP; convolutions, lin
 matmuls, norms, adaptive average pooling and upsampling are counted; elementwise ops are not),
 for the batch size of the example inputs.
 
-Curvature classes (used by the Hessian-structure analysis):
-    ``"layer"``     parameterised affine map, bilinear in (parameter, input): conv, linear, BN.
-    ``"linear"``    linear in its tensor inputs, no second derivative: add, cat, reshape, pad.
-    ``"piecewise"`` piecewise linear, zero second derivative almost everywhere: ReLU, max-pool.
-    ``"bilinear"``  product of two inputs: mul, div, matmul.
-    ``"smooth"``    non-zero second derivative: GELU, sigmoid, softmax, LayerNorm.
-    ``"attention"`` ``softmax(q kᵀ) v``: smooth in (q, k), linear in v, bilinear across.
-    ``"none"``      does not carry tensors (size arithmetic).
+Each rule's second-derivative class is a :class:`Curvature` (used by the Hessian-structure
+analysis). A user adds a rule for their own layer or function with :func:`register` (see
+``docs/design.md`` "Adding an op rule" and the README's example).
 
 Example:
     >>> rule_for_module(torch.nn.Conv2d(3, 8, 3)).name
@@ -30,11 +25,14 @@ from __future__ import annotations
 import torch  # noqa: F401  (used by the examples above)
 
 from . import attention, elementwise, layers, shapes  # noqa: F401  (importing registers the rules)
-from .base import (FUNCTION_RULES, METHOD_RULES, MODULE_RULES, Ctx, FlopCtx, OpRule, SlimCtx, _shape,
-                   _tensor_args, new_shape, rule_for_function, rule_for_module, rule_for_node, slice_attr)
+from .base import (FUNCTION_RULES, METHOD_RULES, MODULE_RULES, Ctx, Curvature, FlopCtx, OpRule, SlimCtx, new_shape,
+                   node_arg, numel, register, rule_for_function, rule_for_module, rule_for_node, shape_of, slice_attr,
+                   spaces_of, tensor_args, tensor_spaces)
 from .driver import apply_rule, count_flops, slim_node
 from .generic import reshape_groups
+from .sizes import is_size_value
 
-__all__ = ["OpRule", "MODULE_RULES", "FUNCTION_RULES", "METHOD_RULES", "rule_for_module", "rule_for_function",
-           "rule_for_node", "Ctx", "SlimCtx", "FlopCtx", "new_shape", "slice_attr", "apply_rule", "count_flops",
-           "slim_node", "reshape_groups"]
+__all__ = ["OpRule", "Curvature", "register", "MODULE_RULES", "FUNCTION_RULES", "METHOD_RULES", "rule_for_module",
+           "rule_for_function", "rule_for_node", "Ctx", "SlimCtx", "FlopCtx", "new_shape", "slice_attr", "apply_rule",
+           "count_flops", "slim_node", "reshape_groups", "shape_of", "spaces_of", "tensor_spaces", "tensor_args",
+           "node_arg", "numel", "is_size_value"]

@@ -5,11 +5,12 @@ Heads are not declared here: a head is what the reshape rule makes of ``C -> (he
 (every index of one head tied to one element), and these rules carry the head dimension through
 the attention op like a batch dimension. ``scaled_dot_product_attention`` and a softmax over
 ``(..., heads, L, S)`` scores record their head space for the report
-(:meth:`oba_fx.coupling.Builder.mark_heads`).
+(:meth:`oba_fx.spaces.Builder.mark_heads`).
 
 Example:
     >>> import torch, torch.nn.functional as F
-    >>> rule_for_function(F.scaled_dot_product_attention).curvature
+    >>> from oba_fx.ops import rule_for_function
+    >>> rule_for_function(F.scaled_dot_product_attention).curvature.value
     'attention'
 """
 
@@ -23,8 +24,8 @@ import torch.fx
 import torch.nn.functional as F
 
 from .. import attention as _attn
-from ..coupling import EMPTY, Space, TensorSpaces
-from .base import Ctx, FlopCtx, OpRule, _numel, _register, _shape, _ts, rule_for_function  # noqa: F401
+from ..spaces import EMPTY, Space, TensorSpaces
+from .base import Ctx, FlopCtx, OpRule, numel, register, shape_of, tensor_spaces  # noqa: F401
 from .generic import broadcast_dim
 
 
@@ -44,29 +45,29 @@ def _tie_or_pin(ctx: Ctx, *spaces: Space | None) -> Space | None:
 def _primary(ctx: Ctx, w: torch.fx.Node, dim: int) -> None:
     """A weight read with ``get_attr``: its output-channel dim is a layer's own (scored) dim."""
     if isinstance(w, torch.fx.Node) and w.op == "get_attr":
-        ctx.b.param_space(w.target, dim, _shape(w)[dim], primary=True)
+        ctx.b.param_space(w.target, dim, shape_of(w)[dim], primary=True)
 
 
 # ============================================================================ F.linear
 def _couple_flinear(ctx: Ctx) -> None:
     x, w, bias = ctx.arg(0, "input"), ctx.arg(1, "weight"), ctx.arg(2, "bias")
-    if _shape(w) is None or len(_shape(w)) != 2:
+    if shape_of(w) is None or len(shape_of(w)) != 2:
         return ctx.barrier("F.linear with a weight that is not a 2-D tensor")
     nd = len(ctx.out_shape)
     carried = ctx.dim_map(x, {d: d for d in range(nd - 1)}, consumed=(nd - 1,))
-    _tie_or_pin(ctx, _ts(x).at(nd - 1), _ts(w).at(1))
+    _tie_or_pin(ctx, tensor_spaces(x).at(nd - 1), tensor_spaces(w).at(1))
     out = ctx.new(nd - 1)
-    if _tie_or_pin(ctx, out, _ts(w).at(0)) is None:
+    if _tie_or_pin(ctx, out, tensor_spaces(w).at(0)) is None:
         ctx.b.pin(out)
     if isinstance(bias, torch.fx.Node):
-        if _tie_or_pin(ctx, out, _ts(bias).at(0)) is None:
+        if _tie_or_pin(ctx, out, tensor_spaces(bias).at(0)) is None:
             ctx.b.pin(out)
     _primary(ctx, w, 0)
     ctx.set(TensorSpaces(tuple(carried.values()) + (out,)))
 
 
-FLINEAR = _register(
-    OpRule("linear", _couple_flinear, None, lambda c: _numel(c.inp(0)) * c.out[-1], "bilinear"),
+FLINEAR = register(
+    OpRule("linear", _couple_flinear, None, lambda c: numel(c.inp(0)) * c.out[-1], "bilinear"),
     functions=(F.linear,),
 )
 
@@ -82,35 +83,35 @@ def _couple_sdpa(ctx: Ctx) -> None:
     mask = ctx.arg(3, "attn_mask")
     if ctx.node.kwargs.get("enable_gqa", False):
         return ctx.barrier("grouped-query attention (enable_gqa=True)")
-    sq, sk, sv, so = _shape(q), _shape(k), _shape(v), ctx.out_shape
+    sq, sk, sv, so = shape_of(q), shape_of(k), shape_of(v), ctx.out_shape
     if None in (sq, sk, sv) or min(len(sq), len(sk), len(sv)) < 2 or not (len(sq) == len(sk) == len(sv)):
         return ctx.barrier("attention over operands of different ranks")
     nd = len(so)
-    mask = mask if isinstance(mask, torch.fx.Node) and _shape(mask) is not None else None
-    ms = _shape(mask) if mask is not None else None
+    mask = mask if isinstance(mask, torch.fx.Node) and shape_of(mask) is not None else None
+    ms = shape_of(mask) if mask is not None else None
     # contracted feature dim of q and k (the default scale reads its size: pin it)
-    e = _tie_or_pin(ctx, _ts(q).at(nd - 1), _ts(k).at(nd - 1))
+    e = _tie_or_pin(ctx, tensor_spaces(q).at(nd - 1), tensor_spaces(k).at(nd - 1))
     if e is not None and ctx.arg(6, "scale") is None:
         ctx.b.pin(e)
     # key/value tokens (with the mask's last dim)
-    _tie_or_pin(ctx, _ts(k).at(nd - 2), _ts(v).at(nd - 2),
-                *([_ts(mask).at(len(ms) - 1)] if ms and ms[-1] == sk[-2] and sk[-2] > 1 else []))
+    _tie_or_pin(ctx, tensor_spaces(k).at(nd - 2), tensor_spaces(v).at(nd - 2),
+                *([tensor_spaces(mask).at(len(ms) - 1)] if ms and ms[-1] == sk[-2] and sk[-2] > 1 else []))
     if ms and ms[-1] != sk[-2]:
-        ctx.b.pin(_ts(mask).at(len(ms) - 1))
+        ctx.b.pin(tensor_spaces(mask).at(len(ms) - 1))
     spaces = []
     # query tokens -> output tokens (with the mask's second-last dim)
-    qsp = [_ts(q).at(nd - 2)] + ([_ts(mask).at(len(ms) - 2)] if ms and len(ms) >= 2 and ms[-2] == sq[-2] else [])
+    qsp = [tensor_spaces(q).at(nd - 2)] + ([tensor_spaces(mask).at(len(ms) - 2)] if ms and len(ms) >= 2 and ms[-2] == sq[-2] else [])
     if ms and len(ms) >= 2 and ms[-2] != sq[-2]:
-        ctx.b.pin(_ts(mask).at(len(ms) - 2))
+        ctx.b.pin(tensor_spaces(mask).at(len(ms) - 2))
     if any(s is not None for s in qsp):
         o = ctx.new(nd - 2)
         if _tie_or_pin(ctx, o, *qsp) is None:
             ctx.b.pin(o)
         spaces.append(o)
     # value features -> output features
-    if _ts(v).at(nd - 1) is not None:
+    if tensor_spaces(v).at(nd - 1) is not None:
         o = ctx.new(nd - 1)
-        ctx.b.union(_ts(v).at(nd - 1), o)
+        ctx.b.union(tensor_spaces(v).at(nd - 1), o)
         spaces.append(o)
     # batch dims, heads included
     heads = None
@@ -127,11 +128,11 @@ def _couple_sdpa(ctx: Ctx) -> None:
 def _sdpa_flops(c: FlopCtx) -> int:
     """The two matmuls ``q kᵀ`` and ``A v`` (fvcore does not count this op)."""
     q, k, v = (c.shape(c.node.args[i]) for i in range(3))
-    batch = _numel(c.out[:-2])
+    batch = numel(c.out[:-2])
     return batch * q[-2] * k[-2] * (q[-1] + v[-1])
 
 
-SDPA = _register(
+SDPA = register(
     OpRule("scaled_dot_product_attention", _couple_sdpa, None, _sdpa_flops, "attention"),
     functions=(F.scaled_dot_product_attention,),
 )
@@ -167,8 +168,8 @@ def _couple_einsum(ctx: Ctx) -> None:
         found = [(a, t.index(letter)) for a, t in zip(ops, terms) if letter in t]
         tied, blocked = [], False
         for a, d in found:
-            s = _ts(a).at(d)
-            if _shape(a)[d] != ctx.out_shape[od]:
+            s = tensor_spaces(a).at(d)
+            if shape_of(a)[d] != ctx.out_shape[od]:
                 ctx.b.pin(s)
             elif s is None:
                 blocked = blocked or ctx.out_shape[od] > 1
@@ -184,7 +185,7 @@ def _couple_einsum(ctx: Ctx) -> None:
             spaces.append(o)
     summed = {c for t in terms for c in t} - set(out)
     for letter in summed:
-        _tie_or_pin(ctx, *[_ts(a).at(t.index(letter)) for a, t in zip(ops, terms) if letter in t])
+        _tie_or_pin(ctx, *[tensor_spaces(a).at(t.index(letter)) for a, t in zip(ops, terms) if letter in t])
     ctx.set(TensorSpaces(tuple(spaces)))
 
 
@@ -205,19 +206,19 @@ def _einsum_flops(c: FlopCtx) -> int:
     return math.prod(size.values())
 
 
-EINSUM = _register(OpRule("einsum", _couple_einsum, None, _einsum_flops, "bilinear"), functions=(torch.einsum,))
+EINSUM = register(OpRule("einsum", _couple_einsum, None, _einsum_flops, "bilinear"), functions=(torch.einsum,))
 
 
 # ============================================================================ unbind
 def _couple_unbind(ctx: Ctx) -> None:
     x = ctx.node.args[0]
-    nd = len(_shape(x))
+    nd = len(shape_of(x))
     d = ctx.arg(1, "dim", 0) % nd
-    ctx.b.pin(_ts(x).at(d))
+    ctx.b.pin(tensor_spaces(x).at(d))
     outs = []
-    for k in range(_shape(x)[d]):
+    for k in range(shape_of(x)[d]):
         spaces = []
-        for xs in _ts(x).spaces:
+        for xs in tensor_spaces(x).spaces:
             if xs.dim == d:
                 continue
             od = xs.dim if xs.dim < d else xs.dim - 1
@@ -228,20 +229,20 @@ def _couple_unbind(ctx: Ctx) -> None:
     ctx.set(tuple(outs) if outs else EMPTY)
 
 
-UNBIND = _register(OpRule("unbind", _couple_unbind), functions=(torch.unbind,), methods=("unbind",))
+UNBIND = register(OpRule("unbind", _couple_unbind), functions=(torch.unbind,), methods=("unbind",))
 
 
 
 # ============================================================================ mask helpers
 def _couple_masks(ctx: Ctx) -> None:
     """Attention-mask arithmetic: masks carry no channels (their spaces, if any, are pinned)."""
-    from .base import _spaces, _tensor_args
+    from .base import spaces_of, tensor_args
 
-    ctx.b.pin_all([_spaces(a) for a in _tensor_args(ctx.node)])
+    ctx.b.pin_all([spaces_of(a) for a in tensor_args(ctx.node)])
     ctx.set(EMPTY)
 
 
-MASKS = _register(OpRule("attention_mask", _couple_masks, None, None, "smooth"),
+MASKS = register(OpRule("attention_mask", _couple_masks, None, None, "smooth"),
                   functions=(_attn._merge_masks,))
 
 
@@ -266,12 +267,12 @@ def _couple_window_attention(ctx: Ctx) -> None:
     and its logit scale; output width ↔ ``proj_weight`` rows and ``proj_bias``."""
     a = {n: _swin_arg(ctx.node, n) for n in _SWIN_ARGS}
     x, wq, wp, heads_n = a["input"], a["qkv_weight"], a["proj_weight"], a["num_heads"]
-    if _shape(x) is None or len(_shape(x)) != 4 or not isinstance(heads_n, int):
+    if shape_of(x) is None or len(shape_of(x)) != 4 or not isinstance(heads_n, int):
         return ctx.barrier("window attention on a non-4-D input or with a computed head count")
     for d in range(3):
-        ctx.b.pin(_ts(x).at(d))
-    _tie_or_pin(ctx, _ts(x).at(3), _ts(wq).at(1))
-    rows = _shape(wq)[0]
+        ctx.b.pin(tensor_spaces(x).at(d))
+    _tie_or_pin(ctx, tensor_spaces(x).at(3), tensor_spaces(wq).at(1))
+    rows = shape_of(wq)[0]
     dh = rows // (3 * heads_n)
     hub = ctx.b._new("tensor", f"{ctx.node.name}.heads", -1, heads_n)
     h_idx = np.repeat(np.arange(heads_n), dh)
@@ -282,7 +283,7 @@ def _couple_window_attention(ctx: Ctx) -> None:
     for t, d, idx_list in members:
         if t is None:
             continue
-        s = _ts(t).at(d)
+        s = tensor_spaces(t).at(d)
         if s is None:
             ok = False
             continue
@@ -290,7 +291,7 @@ def _couple_window_attention(ctx: Ctx) -> None:
             ctx.b.union(hub, s, h_idx, idx)
     for t, d in ((a["relative_position_bias"], 1), (a["logit_scale"], 0)):
         if isinstance(t, torch.fx.Node):
-            s = _ts(t).at(d) if _shape(t) is not None and _shape(t)[d] == heads_n else None
+            s = tensor_spaces(t).at(d) if shape_of(t) is not None and shape_of(t)[d] == heads_n else None
             if s is None:
                 ok = False
             else:
@@ -302,7 +303,7 @@ def _couple_window_attention(ctx: Ctx) -> None:
     ctx.b.mark_heads(ctx.node, hub)
     out = ctx.new(3)
     for t in (wp, a["proj_bias"]):
-        if t is not None and _tie_or_pin(ctx, out, _ts(t).at(0)) is None:
+        if t is not None and _tie_or_pin(ctx, out, tensor_spaces(t).at(0)) is None:
             ctx.b.pin(out)
     ctx.set(TensorSpaces((out,)))
 
@@ -335,8 +336,8 @@ def _window_attention_flops(c: FlopCtx) -> int:
 def _couple_rel_bias(ctx: Ctx) -> None:
     """``table[index].view(N, N, -1).permute(2, 0, 1).unsqueeze(0)``: heads pass to dim 1."""
     table = ctx.node.args[0]
-    ctx.b.pin(_ts(table).at(0))
-    s = _ts(table).at(1)
+    ctx.b.pin(tensor_spaces(table).at(0))
+    s = tensor_spaces(table).at(1)
     if s is None:
         return ctx.set(EMPTY)
     o = ctx.new(1)
@@ -347,10 +348,10 @@ def _couple_rel_bias(ctx: Ctx) -> None:
 def _couple_patch_merging_pad(ctx: Ctx) -> None:
     """Pad H and W to even sizes, then the four 2x2 phases concatenated on channels."""
     x = ctx.node.args[0]
-    nd = len(_shape(x))
+    nd = len(shape_of(x))
     for d in range(nd - 1):
-        ctx.b.pin(_ts(x).at(d))
-    s = _ts(x).at(nd - 1)
+        ctx.b.pin(tensor_spaces(x).at(d))
+    s = tensor_spaces(x).at(nd - 1)
     if s is None:
         return ctx.set(EMPTY)
     o = ctx.new(nd - 1)
@@ -360,10 +361,34 @@ def _couple_patch_merging_pad(ctx: Ctx) -> None:
 
 
 _WINDOW_FNS = (_attn.window_attention,) + ((_swin.shifted_window_attention,) if _swin else ())
-WINDOW_ATTENTION = _register(
+WINDOW_ATTENTION = register(
     OpRule("window_attention", _couple_window_attention, _slim_window_attention, _window_attention_flops, "unknown"),
     functions=_WINDOW_FNS)
 if _swin is not None:
-    REL_BIAS = _register(OpRule("relative_position_bias", _couple_rel_bias), functions=(_swin._get_relative_position_bias,))
-    PATCH_MERGING_PAD = _register(OpRule("patch_merging_pad", _couple_patch_merging_pad),
+    REL_BIAS = register(OpRule("relative_position_bias", _couple_rel_bias), functions=(_swin._get_relative_position_bias,))
+    PATCH_MERGING_PAD = register(OpRule("patch_merging_pad", _couple_patch_merging_pad),
                                   functions=(_swin._patch_merging_pad,))
+
+
+# ============================================================================ nn.MultiheadAttention kept whole
+def _couple_mha_whole(ctx: Ctx) -> None:
+    ctx.barrier("nn.MultiheadAttention kept whole (add_bias_kv/add_zero_attn, or inputs the traced stand-in "
+                "does not take): its heads and inputs are not pruned")
+
+
+def _mha_whole_flops(c: FlopCtx) -> int:
+    """Projections and attention matmuls of a whole ``nn.MultiheadAttention`` call."""
+    m = c.module
+    q = shape_of(c.node.args[0])
+    if q is None:
+        return 0
+    k = shape_of(c.node.args[1]) if len(c.node.args) > 1 and shape_of(c.node.args[1]) else q
+    e = m.embed_dim
+    nq, nk = math.prod(q[:-1]), math.prod(k[:-1])
+    seq_q, seq_k = (q[1], k[1]) if m.batch_first else (q[0], k[0])
+    batch = nq // seq_q
+    return nq * e * e + 2 * nk * e * e + 2 * batch * seq_q * seq_k * e + nq * e * e
+
+
+MHA_WHOLE = register(OpRule("multihead_attention_whole", _couple_mha_whole, None, _mha_whole_flops, "unknown"),
+                     modules=(torch.nn.MultiheadAttention,))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from enum import Enum
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -12,10 +13,36 @@ import torch.fx
 import torch.nn as nn
 
 from .. import meta as M
-from ..coupling import EMPTY, Builder, Space, TensorSpaces, _State
+from ..spaces import EMPTY, Builder, Space, TensorSpaces, AnalysisState
 
 
 # ============================================================================ the rule type
+class Curvature(str, Enum):
+    """Second-derivative class of an op, read by the Hessian-structure analysis
+    (:mod:`oba_fx.hessian_blocks`; ``docs/design.md`` "Which Hessian blocks")."""
+
+    #: parameterised affine map, bilinear in (parameter, input): conv, linear, BN (eval)
+    LAYER = "layer"
+    #: linear in its tensor inputs, no second derivative: add, cat, reshape, pad
+    LINEAR = "linear"
+    #: piecewise linear, zero second derivative almost everywhere: ReLU, max-pool
+    PIECEWISE = "piecewise"
+    #: product of two inputs: mul, matmul, einsum
+    BILINEAR = "bilinear"
+    #: ``a / b``: bilinear across the operands and smooth in the denominator
+    QUOTIENT = "quotient"
+    #: non-zero second derivative in every input: GELU, sigmoid, softmax, LayerNorm
+    SMOOTH = "smooth"
+    #: ``softmax(q kᵀ + mask) v``: smooth in (q, k, mask), linear in v, bilinear across
+    ATTENTION = "attention"
+    #: parameterised layer that is also smooth in its input (BatchNorm with batch statistics)
+    SMOOTH_LAYER = "smooth+layer"
+    #: not understood: assumed to mix everything that reaches it
+    UNKNOWN = "unknown"
+    #: carries no tensors (size arithmetic, constants)
+    NONE = "none"
+
+
 @dataclass(frozen=True)
 class OpRule:
     """How one op is handled everywhere in the pipeline.
@@ -25,14 +52,37 @@ class OpRule:
         couple: ``fn(ctx: Ctx) -> None``; sets the node's spaces and records unions/pins.
         slim: ``fn(ctx: SlimCtx) -> None``; rewrites the module or the node's constants.
         flops: ``fn(ctx: FlopCtx) -> int``; ``None`` counts zero.
-        curvature: second-derivative class (module docstring).
+        curvature: second-derivative class (a :class:`Curvature`; its value string is accepted).
+        curvature_of: ``fn(module) -> Curvature`` for a module whose class depends on its state
+            (BatchNorm with batch statistics is smooth); ``None``: always :attr:`curvature`.
+        renormalises: ``"layer"`` or ``"rms"`` for a norm over the last dim whose kept channels
+            are renormalised when some are removed (the masked reference does the same, see
+            :func:`oba_fx.masking.masked_norm`); ``None`` otherwise.
     """
 
     name: str
     couple: Callable[["Ctx"], None]
     slim: Callable[["SlimCtx"], None] | None = None
     flops: Callable[["FlopCtx"], int] | None = None
-    curvature: str = "linear"
+    curvature: Curvature = Curvature.LINEAR
+    curvature_of: Callable[[nn.Module], Curvature] | None = None
+    renormalises: str | None = None
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "curvature", Curvature(self.curvature))
+        except ValueError:
+            raise ValueError(f"op rule {self.name!r}: unknown curvature {self.curvature!r}; expected one of "
+                             f"{[c.value for c in Curvature]}") from None
+        if self.renormalises not in (None, "layer", "rms"):
+            raise ValueError(f"op rule {self.name!r}: renormalises must be None, 'layer' or 'rms', "
+                             f"got {self.renormalises!r}")
+
+    def curvature_for(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> Curvature:
+        """The curvature class of this use of the op."""
+        if self.curvature_of is not None and node.op == "call_module":
+            return Curvature(self.curvature_of(gm.get_submodule(node.target)))
+        return self.curvature
 
 
 MODULE_RULES: dict[type, OpRule] = {}
@@ -40,13 +90,54 @@ FUNCTION_RULES: dict[Any, OpRule] = {}
 METHOD_RULES: dict[str, OpRule] = {}
 
 
-def _register(rule: OpRule, modules=(), functions=(), methods=()) -> OpRule:
-    for m in modules:
-        MODULE_RULES[m] = rule
-    for f in functions:
-        FUNCTION_RULES[f] = rule
-    for name in methods:
-        METHOD_RULES[name] = rule
+def register(rule: OpRule, modules: Iterable[type] = (), functions: Iterable[Any] = (), methods: Iterable[str] = (),
+             *, replace: bool = False) -> OpRule:
+    """Declare ``rule`` for module classes (exact type), functions and tensor-method names.
+
+    This is how every built-in op is declared, and how a user adds a rule for their own leaf
+    module or function without editing the package (``docs/design.md`` "Adding an op rule";
+    the README has a complete example). A module class with a rule must be traced as a leaf
+    (``prune_graph(..., leaf_modules=[MyLayer])``) unless it is a ``torch.nn`` module.
+
+    Args:
+        rule: the :class:`OpRule`.
+        modules: module classes it applies to (matched by exact type).
+        functions: callables it applies to (``call_function`` targets).
+        methods: tensor-method names it applies to (``call_method`` targets).
+        replace: allow replacing an existing rule for one of these keys.
+
+    Returns:
+        ``rule``.
+
+    Raises:
+        ValueError: a key already has another rule and ``replace`` is false, or a key is of the
+            wrong kind.
+
+    Example:
+        >>> from oba_fx.ops import OpRule, register, rule_for_module
+        >>> class Twice(torch.nn.Module):
+        ...     def forward(self, x):
+        ...         return 2 * x
+        >>> from oba_fx.ops.generic import couple_broadcast
+        >>> _ = register(OpRule("twice", couple_broadcast), modules=[Twice])
+        >>> rule_for_module(Twice()).name
+        'twice'
+    """
+    if not isinstance(rule, OpRule):
+        raise ValueError(f"register expects an oba_fx.ops.OpRule, got {type(rule).__name__}")
+    keys = [(MODULE_RULES, m, "module class") for m in modules] + [(FUNCTION_RULES, f, "function") for f in functions]
+    keys += [(METHOD_RULES, n, "method name") for n in methods]
+    for table, key, what in keys:
+        if what == "module class" and not (isinstance(key, type) and issubclass(key, nn.Module)):
+            raise ValueError(f"op rule {rule.name!r}: modules= takes nn.Module subclasses, got {key!r}")
+        if what == "method name" and not isinstance(key, str):
+            raise ValueError(f"op rule {rule.name!r}: methods= takes method names (str), got {key!r}")
+        old = table.get(key)
+        if old is not None and old is not rule and not replace:
+            raise ValueError(f"{what} {getattr(key, '__qualname__', key)!r} already has the op rule {old.name!r}; "
+                             "pass replace=True to override it")
+    for table, key, _ in keys:
+        table[key] = rule
     return rule
 
 
@@ -71,7 +162,7 @@ def rule_for_node(gm: torch.fx.GraphModule, node: torch.fx.Node) -> OpRule | Non
 
 
 # ============================================================================ contexts
-def _shape(arg: Any) -> tuple[int, ...] | None:
+def shape_of(arg: Any) -> tuple[int, ...] | None:
     if isinstance(arg, torch.fx.Node):
         tm = arg.meta.get(M.TENSOR_META)
         if tm is not None and hasattr(tm, "shape"):
@@ -79,29 +170,29 @@ def _shape(arg: Any) -> tuple[int, ...] | None:
     return None
 
 
-def _spaces(arg: Any) -> Any:
+def spaces_of(arg: Any) -> Any:
     if isinstance(arg, torch.fx.Node):
         return arg.meta.get(M.SPACES)
     return None
 
 
-def _ts(arg: Any) -> TensorSpaces:
-    v = _spaces(arg)
+def tensor_spaces(arg: Any) -> TensorSpaces:
+    v = spaces_of(arg)
     return v if isinstance(v, TensorSpaces) else EMPTY
 
 
-def _arg(node: torch.fx.Node, i: int, name: str, default: Any = None) -> Any:
+def node_arg(node: torch.fx.Node, i: int, name: str, default: Any = None) -> Any:
     if len(node.args) > i:
         return node.args[i]
     return node.kwargs.get(name, default)
 
 
-def _tensor_args(node: torch.fx.Node) -> list[torch.fx.Node]:
+def tensor_args(node: torch.fx.Node) -> list[torch.fx.Node]:
     out: list[torch.fx.Node] = []
 
     def visit(a: Any) -> None:
         if isinstance(a, torch.fx.Node):
-            if _shape(a) is not None:
+            if shape_of(a) is not None:
                 out.append(a)
         elif isinstance(a, (tuple, list)):
             for x in a:
@@ -118,7 +209,7 @@ def _tensor_args(node: torch.fx.Node) -> list[torch.fx.Node]:
 class Ctx:
     """What a coupling rule sees: the node, its module, input spaces and the builder."""
 
-    def __init__(self, gm: torch.fx.GraphModule, node: torch.fx.Node, b: Builder, state: _State):
+    def __init__(self, gm: torch.fx.GraphModule, node: torch.fx.Node, b: Builder, state: AnalysisState):
         self.gm, self.node, self.b, self.state = gm, node, b, state
 
     @property
@@ -127,13 +218,13 @@ class Ctx:
 
     @property
     def out_shape(self) -> tuple[int, ...] | None:
-        return _shape(self.node)
+        return shape_of(self.node)
 
     def arg(self, i: int, name: str, default: Any = None) -> Any:
-        return _arg(self.node, i, name, default)
+        return node_arg(self.node, i, name, default)
 
     def ts(self, arg: Any) -> TensorSpaces:
-        return _ts(arg)
+        return tensor_spaces(arg)
 
     def new(self, dim: int, size: int | None = None) -> Space:
         size = self.out_shape[dim] if size is None else size
@@ -154,7 +245,7 @@ class Ctx:
         whose dim maps to ``None`` (or is missing) is pinned, unless the rule itself handles
         it (``consumed``). Returns the new out spaces by out dim."""
         out: dict[int, Space] = {}
-        for s in _ts(src).spaces:
+        for s in tensor_spaces(src).spaces:
             if s.dim in consumed:
                 continue
             od = mapping.get(s.dim)
@@ -172,8 +263,8 @@ class Ctx:
 
 def barrier(node: torch.fx.Node, b: Builder, reason: str) -> None:
     """Make ``node`` a barrier: pin every space it reads, give its value no spaces."""
-    for a in _tensor_args(node):
-        b.pin_all(_spaces(a))
+    for a in tensor_args(node):
+        b.pin_all(spaces_of(a))
     b.barrier(node, reason)
     v = node.meta.get(M.TENSOR_META)
     node.meta[M.SPACES] = EMPTY if v is None or hasattr(v, "shape") else tuple(EMPTY for _ in v)
@@ -191,10 +282,10 @@ class SlimCtx:
         return self.gm.get_submodule(self.node.target)
 
     def ts(self, arg: Any) -> TensorSpaces:
-        return _ts(arg)
+        return tensor_spaces(arg)
 
     def arg(self, i: int, name: str, default: Any = None) -> Any:
-        return _arg(self.node, i, name, default)
+        return node_arg(self.node, i, name, default)
 
     def kept(self, space: Space) -> np.ndarray:
         return self.c.kept(space, self.removed)
@@ -213,8 +304,8 @@ class SlimCtx:
 
 def new_shape(arg: Any, c, removed: np.ndarray) -> tuple[int, ...]:
     """Shape of a node's value after removing the units in ``removed``."""
-    sh = list(_shape(arg))
-    for s in _ts(arg).spaces:
+    sh = list(shape_of(arg))
+    for s in tensor_spaces(arg).spaces:
         sh[s.dim] = int((~removed[c.units_of(s)]).sum())
     return tuple(sh)
 
@@ -234,7 +325,7 @@ class FlopCtx:
         return self.shape(self.node)
 
     def inp(self, i: int = 0) -> tuple[int, ...]:
-        return self.shape(_tensor_args(self.node)[i])
+        return self.shape(tensor_args(self.node)[i])
 
 
 def slice_attr(module: nn.Module, attr: str, dim: int, idx: torch.Tensor | None) -> None:
@@ -250,7 +341,7 @@ def slice_attr(module: nn.Module, attr: str, dim: int, idx: torch.Tensor | None)
     setattr(module, attr, new)
 
 
-def _numel(shape: tuple[int, ...]) -> int:
+def numel(shape: tuple[int, ...]) -> int:
     return int(math.prod(shape))
 
 

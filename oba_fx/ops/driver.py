@@ -2,29 +2,27 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.fx
-import torch.nn as nn
 
 from .. import meta as M
-from ..coupling import EMPTY, Builder, TensorSpaces, _State
-from .base import Ctx, FlopCtx, SlimCtx, _shape, _spaces, _tensor_args, barrier, rule_for_node
-from .sizes import _check_taint, _is_tensor, _size_node
+from ..spaces import EMPTY, Builder, TensorSpaces, AnalysisState
+from .base import Ctx, FlopCtx, SlimCtx, shape_of, spaces_of, tensor_args, barrier, rule_for_node
+from .sizes import check_taint, is_tensor, size_node
 
 
 # ============================================================================ driver
-def apply_rule(gm: torch.fx.GraphModule, node: torch.fx.Node, b: Builder, state: _State) -> None:
+def apply_rule(gm: torch.fx.GraphModule, node: torch.fx.Node, b: Builder, state: AnalysisState) -> None:
     """Run the coupling rule of one node (called by :func:`oba_fx.coupling.analyze`)."""
     ctx = Ctx(gm, node, b, state)
     if node.op == "placeholder":
-        node.meta[M.SPACES] = EMPTY if _is_tensor(node) else None
+        node.meta[M.SPACES] = EMPTY if is_tensor(node) else None
         return
     if node.op == "get_attr":
-        sh = _shape(node)
+        sh = shape_of(node)
         if sh is None:
             node.meta[M.SPACES] = None
             return
@@ -32,21 +30,21 @@ def apply_rule(gm: torch.fx.GraphModule, node: torch.fx.Node, b: Builder, state:
             b.param_space(node.target, d, n, primary=False) for d, n in enumerate(sh)))
         return
     if node.op == "output":
-        b.pin_all([_spaces(a) for a in _tensor_args(node)])
-        _check_taint(ctx)
+        b.pin_all([spaces_of(a) for a in tensor_args(node)])
+        check_taint(ctx)
         return
-    if _size_node(ctx):
+    if size_node(ctx):
         node.meta[M.SPACES] = None
         return
     rule = rule_for_node(gm, node)
-    if not _tensor_args(node) and node.meta.get(M.TENSOR_META) is None:
-        _check_taint(ctx)  # plain Python values (or None picked from a tuple)
+    if not tensor_args(node) and node.meta.get(M.TENSOR_META) is None:
+        check_taint(ctx)  # plain Python values (or None picked from a tuple)
         node.meta[M.SPACES] = None
         return
     if rule is None:
         what = type(gm.get_submodule(node.target)).__name__ if node.op == "call_module" else _fn_name(node.target)
         barrier(node, b, f"no rule for {node.op} {what}")
-        _check_taint(ctx)
+        check_taint(ctx)
         return
     if node.meta.get(M.TENSOR_META) is None:
         barrier(node, b, f"{rule.name}: no shape information (did shape propagation run?)")
@@ -55,7 +53,7 @@ def apply_rule(gm: torch.fx.GraphModule, node: torch.fx.Node, b: Builder, state:
         rule.couple(ctx)
     except Exception as e:  # a rule that cannot understand this use of its op: never guess
         barrier(node, b, f"{rule.name}: unsupported use ({type(e).__name__}: {e})")
-    _check_taint(ctx)
+    check_taint(ctx)
 
 
 def _fn_name(t: Any) -> str:
@@ -66,36 +64,16 @@ def _fn_name(t: Any) -> str:
 
 def count_flops(gm: torch.fx.GraphModule, shape_fn: Callable[[Any], tuple] | None = None) -> int:
     """FLOPs of a shape-propagated graph (fvcore convention), optionally with other shapes."""
-    shape_fn = shape_fn or _shape
+    shape_fn = shape_fn or shape_of
     total = 0
     for node in gm.graph.nodes:
         if node.op not in ("call_module", "call_function", "call_method"):
             continue
         rule = rule_for_node(gm, node)
-        if rule is None or rule.flops is None or _shape(node) is None:
-            if rule is None and node.op == "call_module":
-                total += _leaf_module_flops(gm, node, shape_fn)
+        if rule is None or rule.flops is None or shape_of(node) is None:
             continue
         total += int(rule.flops(FlopCtx(gm, node, shape_fn)))
     return total
-
-
-def _leaf_module_flops(gm, node, shape_fn) -> int:
-    """FLOPs of a leaf module without a rule (it keeps its shape): attention's matmuls."""
-    m = gm.get_submodule(node.target)
-    if isinstance(m, nn.MultiheadAttention):
-        q = _shape(node.args[0])
-        if q is None:
-            return 0
-        k = _shape(node.args[1]) if len(node.args) > 1 and _shape(node.args[1]) else q
-        e = m.embed_dim
-        nq = math.prod(q[:-1])
-        nk = math.prod(k[:-1])
-        seq_q = q[0] if not m.batch_first else q[1]
-        seq_k = k[0] if not m.batch_first else k[1]
-        batch = nq // seq_q
-        return nq * e * e + 2 * nk * e * e + 2 * batch * seq_q * seq_k * e + nq * e * e
-    return 0
 
 
 def slim_node(gm: torch.fx.GraphModule, node: torch.fx.Node, coupling, removed: np.ndarray) -> None:

@@ -9,7 +9,7 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import FlopCtx, OpRule, _arg, _numel, _register, _ts
+from .base import FlopCtx, OpRule, node_arg, numel, register, tensor_spaces
 from .generic import couple_broadcast, couple_pin_dim, couple_reduce, couple_spatial
 
 
@@ -20,14 +20,14 @@ _SMOOTH_MODULES = (nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hards
 _IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
                      nn.FeatureAlphaDropout)
 
-UNARY_PIECEWISE = _register(
+UNARY_PIECEWISE = register(
     OpRule("relu_like", couple_broadcast, None, None, "piecewise"),
     modules=_PIECEWISE_MODULES,
     functions=(torch.relu, F.relu, F.relu6, F.leaky_relu, F.hardtanh, torch.relu_, F.relu_, torch.abs,
                torch.clamp, torch.clip, F.threshold),
     methods=("relu", "relu_", "abs", "clamp", "clamp_", "clip", "clamp_min", "clamp_max"),
 )
-UNARY_SMOOTH = _register(
+UNARY_SMOOTH = register(
     OpRule("smooth_unary", couple_broadcast, None, None, "smooth"),
     modules=_SMOOTH_MODULES,
     functions=(F.gelu, F.silu, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.hardswish, F.hardsigmoid,
@@ -36,7 +36,7 @@ UNARY_SMOOTH = _register(
     methods=("sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "log", "sqrt", "rsqrt", "square", "erf",
              "reciprocal", "pow"),
 )
-IDENTITY = _register(
+IDENTITY = register(
     OpRule("identity", couple_broadcast, None, None, "linear"),
     modules=_IDENTITY_MODULES,
     functions=(F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, torch.neg, operator.neg,
@@ -48,37 +48,41 @@ try:  # torchvision wraps it as an opaque call: identity in eval, a per-sample s
     from torchvision.ops.stochastic_depth import stochastic_depth as _stochastic_depth
 except ImportError:  # pragma: no cover
     _stochastic_depth = None
-STOCHASTIC_DEPTH = _register(
+STOCHASTIC_DEPTH = register(
     OpRule("stochastic_depth", lambda c: couple_broadcast(c, [c.node.args[0]]), None, None, "linear"),
     functions=(_stochastic_depth,) if _stochastic_depth else (),
 )
-ADD_LIKE = _register(
+ADD_LIKE = register(
     OpRule("add", couple_broadcast, None, None, "linear"),
     functions=(operator.add, operator.sub, operator.iadd, operator.isub, torch.add, torch.sub,
                torch.subtract),
     methods=("add", "add_", "sub", "sub_"),
 )
-MUL_LIKE = _register(
+MUL_LIKE = register(
     OpRule("mul", couple_broadcast, None, None, "bilinear"),
-    functions=(operator.mul, operator.imul, operator.truediv, operator.itruediv, torch.mul, torch.div,
-               torch.multiply, torch.true_divide, torch.maximum, torch.minimum, torch.where),
-    methods=("mul", "mul_", "div", "div_", "maximum", "minimum", "expand_as"),
+    functions=(operator.mul, operator.imul, torch.mul, torch.multiply, torch.maximum, torch.minimum, torch.where),
+    methods=("mul", "mul_", "maximum", "minimum", "expand_as"),
+)
+DIV = register(
+    OpRule("div", couple_broadcast, None, None, "quotient"),
+    functions=(operator.truediv, operator.itruediv, torch.div, torch.true_divide),
+    methods=("div", "div_"),
 )
 
 
 # ============================================================================ pooling, resampling
 def _adaptive_pool_flops(c: FlopCtx) -> int:
-    return _numel(c.inp(0)) if len(c.inp(0)) == 4 else 0
+    return numel(c.inp(0)) if len(c.inp(0)) == 4 else 0
 
 
 def _upsample_flops(c: FlopCtx) -> int:
-    mode = getattr(c.module, "mode", None) if c.node.op == "call_module" else _arg(c.node, 3, "mode", "nearest")
+    mode = getattr(c.module, "mode", None) if c.node.op == "call_module" else node_arg(c.node, 3, "mode", "nearest")
     if len(c.out) != 4:
         return 0
-    return _numel(c.out) * (4 if mode == "bilinear" else 1 if mode == "nearest" else 0)
+    return numel(c.out) * (4 if mode == "bilinear" else 1 if mode == "nearest" else 0)
 
 
-POOL = _register(
+POOL = register(
     OpRule("pool", couple_spatial, None, None, "piecewise"),
     modules=(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
              nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.AdaptiveAvgPool1d,
@@ -88,17 +92,17 @@ POOL = _register(
     functions=(F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
                F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool3d),
 )
-ADAPTIVE_AVG_POOL2D = _register(
+ADAPTIVE_AVG_POOL2D = register(
     OpRule("adaptive_avg_pool2d", couple_spatial, None, _adaptive_pool_flops, "linear"),
     modules=(nn.AdaptiveAvgPool2d,),
     functions=(F.adaptive_avg_pool2d, torch._C._nn.adaptive_avg_pool2d),
 )
-UPSAMPLE = _register(
+UPSAMPLE = register(
     OpRule("upsample", couple_spatial, None, _upsample_flops, "linear"),
     modules=(nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d),
     functions=(F.interpolate, F.upsample),
 )
-REDUCE = _register(
+REDUCE = register(
     OpRule("reduce", couple_reduce, None, None, "linear"),
     functions=(torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var, torch.logsumexp),
     methods=("mean", "sum", "amax", "amin", "std", "var", "logsumexp"),
@@ -113,15 +117,15 @@ def _couple_softmax(ctx) -> None:
     nd = len(ctx.out_shape)
     d = ctx.arg(1, "dim")
     if ctx.node.target is not F.normalize and nd >= 4 and isinstance(d, int) and d % nd == nd - 1:
-        ctx.b.mark_heads(ctx.node, _ts(ctx.node).at(nd - 3))
+        ctx.b.mark_heads(ctx.node, tensor_spaces(ctx.node).at(nd - 3))
 
 
-SOFTMAX = _register(
+SOFTMAX = register(
     OpRule("softmax", _couple_softmax, None, None, "smooth"),
     functions=(F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, F.normalize),
     methods=("softmax", "log_softmax"),
 )
-SOFTMAX_MODULE = _register(
+SOFTMAX_MODULE = register(
     OpRule("softmax", couple_pin_dim((0, "dim"), from_module="dim"), None, None, "smooth"),
     modules=(nn.Softmax, nn.LogSoftmax, nn.Softmin),
 )

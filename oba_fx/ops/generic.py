@@ -9,8 +9,8 @@ import numpy as np
 import torch
 import torch.fx
 
-from ..coupling import EMPTY, Space, TensorSpaces
-from .base import Ctx, SlimCtx, _shape, _tensor_args, _ts
+from ..spaces import EMPTY, Space, TensorSpaces
+from .base import Ctx, SlimCtx, shape_of, tensor_args, tensor_spaces
 
 
 # ============================================================================ generic rules
@@ -19,7 +19,7 @@ def couple_broadcast(ctx: Ctx, args: list[Any] | None = None) -> None:
     out = ctx.out_shape
     if out is None:
         return ctx.set(EMPTY)
-    args = _tensor_args(ctx.node) if args is None else args
+    args = tensor_args(ctx.node) if args is None else args
     spaces = [o for d in range(len(out)) if (o := broadcast_dim(ctx, args, d)) is not None]
     ctx.set(TensorSpaces(tuple(spaces)))
 
@@ -34,11 +34,11 @@ def broadcast_dim(ctx: Ctx, args: list[Any], d: int) -> Space | None:
     tied: list[Space] = []
     blocked = False
     for a in args:
-        sh = _shape(a)
+        sh = shape_of(a)
         ad = d - (nd - len(sh))
         if ad < 0:
             continue
-        s = _ts(a).at(ad)
+        s = tensor_spaces(a).at(ad)
         if sh[ad] != out[d]:  # broadcast from size 1
             ctx.b.pin(s)
         elif s is None:
@@ -61,11 +61,11 @@ def couple_keep_dims(keep: Callable[[int], bool]) -> Callable[[Ctx], None]:
     """Ops that act within some dims (pooling, upsampling): spaces on kept dims pass."""
 
     def couple(ctx: Ctx) -> None:
-        src = _tensor_args(ctx.node)[0]
-        nd = len(_shape(src))
+        src = tensor_args(ctx.node)[0]
+        nd = len(shape_of(src))
         m = {d: (d if keep(d) and d < len(ctx.out_shape) else None) for d in range(nd)}
         for d, od in list(m.items()):
-            if od is not None and _shape(src)[d] != ctx.out_shape[od]:
+            if od is not None and shape_of(src)[d] != ctx.out_shape[od]:
                 m[d] = None
         ctx.set(TensorSpaces(tuple(ctx.dim_map(src, m).values())))
 
@@ -75,7 +75,7 @@ def couple_keep_dims(keep: Callable[[int], bool]) -> Callable[[Ctx], None]:
 couple_spatial = couple_keep_dims(lambda d: d < 2)
 
 
-def _norm_dims(d: Any, nd: int) -> tuple[int, ...] | None:
+def norm_dims(d: Any, nd: int) -> tuple[int, ...] | None:
     if d is None:
         return None
     if isinstance(d, int):
@@ -86,8 +86,8 @@ def _norm_dims(d: Any, nd: int) -> tuple[int, ...] | None:
 def couple_reduce(ctx: Ctx) -> None:
     """mean/sum/amax/... over ``dim``: reduced dims are pinned, the others pass."""
     src = ctx.node.args[0]
-    nd = len(_shape(src))
-    dims = _norm_dims(ctx.arg(1, "dim"), nd)
+    nd = len(shape_of(src))
+    dims = norm_dims(ctx.arg(1, "dim"), nd)
     keep = bool(ctx.arg(2, "keepdim", False))
     if dims is None:
         dims = tuple(range(nd))
@@ -107,8 +107,8 @@ def couple_pin_dim(dim_arg: tuple[int, str], default: Any = None, from_module: s
     """Ops that mix all indices of one dim (softmax): that dim is pinned, the others pass."""
 
     def couple(ctx: Ctx) -> None:
-        src = _tensor_args(ctx.node)[0]
-        nd = len(_shape(src))
+        src = tensor_args(ctx.node)[0]
+        nd = len(shape_of(src))
         d = getattr(ctx.module, from_module) if from_module else ctx.arg(*dim_arg, default)
         if d is None:
             return ctx.barrier("dim=None mixes every dimension")
@@ -122,8 +122,8 @@ def couple_last_dims_mixed(k_of: Callable[[Ctx], int]) -> Callable[[Ctx], None]:
     """LayerNorm-like: statistics over the last k dims, so they are pinned."""
 
     def couple(ctx: Ctx) -> None:
-        src = _tensor_args(ctx.node)[0]
-        nd = len(_shape(src))
+        src = tensor_args(ctx.node)[0]
+        nd = len(shape_of(src))
         k = k_of(ctx)
         ctx.set(TensorSpaces(tuple(ctx.dim_map(src, {d: (d if d < nd - k else None) for d in range(nd)}).values())))
 
@@ -173,9 +173,9 @@ def couple_reshape(ctx: Ctx, src: Any = None) -> None:
     ``3`` away), :func:`oba_fx.coupling.analyze` runs again with the next dim chosen
     (``state.split_choice``), so the heads become the units."""
     src = ctx.node.args[0] if src is None else src
-    ish, osh = _shape(src), ctx.out_shape
+    ish, osh = shape_of(src), ctx.out_shape
     groups = reshape_groups(ish, osh)
-    ts = _ts(src)
+    ts = tensor_spaces(src)
     if groups is None:
         return ctx.barrier("reshape between shapes with zero-size dims")
     out: dict[int, Space] = {}
@@ -206,7 +206,7 @@ def couple_reshape(ctx: Ctx, src: Any = None) -> None:
     ctx.set(TensorSpaces(tuple(out.values())))
 
 
-def _size_args(node: torch.fx.Node, start: int) -> tuple[list[Any], bool]:
+def size_args(node: torch.fx.Node, start: int) -> tuple[list[Any], bool]:
     rest = list(node.args[start:])
     if len(rest) == 1 and isinstance(rest[0], (tuple, list, torch.Size)):
         return list(rest[0]), True
@@ -222,9 +222,9 @@ def slim_sizes(start: int, fill: Callable[["SlimCtx", int], Any]) -> Callable[["
 
     def slim(ctx: SlimCtx) -> None:
         node = ctx.node
-        sizes, packed = _size_args(node, start)
+        sizes, packed = size_args(node, start)
         new_shape = ctx.new_shape(node)
-        old_shape = _shape(node)
+        old_shape = shape_of(node)
         ts = ctx.ts(node)
         changed = False
         for d in ts.dims:

@@ -13,8 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import meta as M
-from ..coupling import TensorSpaces
-from .base import Ctx, FlopCtx, OpRule, SlimCtx, _arg, _numel, _register, _spaces, _tensor_args, _ts, slice_attr
+from ..spaces import TensorSpaces
+from .base import Curvature, Ctx, FlopCtx, OpRule, SlimCtx, node_arg, numel, register, spaces_of, tensor_args, tensor_spaces, slice_attr
 from .generic import couple_broadcast, couple_last_dims_mixed
 
 
@@ -28,7 +28,7 @@ def _conv_spaces(ctx: Ctx, transposed: bool) -> None:
     """
     m = ctx.module
     g = m.groups
-    xs = _ts(ctx.node.args[0]).at(1)
+    xs = tensor_spaces(ctx.node.args[0]).at(1)
     out = ctx.new(1)
     bias = ctx.param("bias", 0) if m.bias is not None else None
     if bias is not None:
@@ -88,12 +88,12 @@ def _flops_conv(ctx: FlopCtx, transposed: bool) -> int:
     return int(ishape[0] * w * math.prod(spatial))
 
 
-CONV = _register(
+CONV = register(
     OpRule("conv", lambda c: _conv_spaces(c, False), lambda c: _slim_conv(c, False),
            lambda c: _flops_conv(c, False), "layer"),
     modules=(nn.Conv1d, nn.Conv2d, nn.Conv3d),
 )
-CONV_T = _register(
+CONV_T = register(
     OpRule("conv_transpose", lambda c: _conv_spaces(c, True), lambda c: _slim_conv(c, True),
            lambda c: _flops_conv(c, True), "layer"),
     modules=(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d),
@@ -105,7 +105,7 @@ def _couple_linear(ctx: Ctx) -> None:
     x = ctx.node.args[0]
     nd = len(ctx.out_shape)
     carried = ctx.dim_map(x, {d: d for d in range(nd - 1)}, consumed=(nd - 1,))
-    xs = _ts(x).at(nd - 1)
+    xs = tensor_spaces(x).at(nd - 1)
     w_in = ctx.param("weight", 1)
     if xs is None:
         ctx.b.pin(w_in)
@@ -127,8 +127,8 @@ def _slim_linear(ctx: SlimCtx) -> None:
     m.out_features, m.in_features = m.weight.shape
 
 
-LINEAR = _register(
-    OpRule("linear", _couple_linear, _slim_linear, lambda c: _numel(c.inp(0)) * c.out[-1], "layer"),
+LINEAR = register(
+    OpRule("linear", _couple_linear, _slim_linear, lambda c: numel(c.inp(0)) * c.out[-1], "layer"),
     modules=(nn.Linear,),
 )
 
@@ -164,19 +164,25 @@ def _slim_channel_norm(ctx: SlimCtx) -> None:
 
 def _flops_bn(ctx: FlopCtx) -> int:
     m = ctx.module
-    n = _numel(ctx.inp(0))
+    n = numel(ctx.inp(0))
     if m.training or not m.track_running_stats:
         return n * (5 if m.affine else 4)
     return n * (2 if m.affine else 1)
 
 
-BATCHNORM = _register(
-    OpRule("batch_norm", _couple_channel_norm, _slim_channel_norm, _flops_bn, "layer"),
+def _bn_curvature(m: nn.Module) -> Curvature:
+    """With batch statistics (train mode, or no running statistics) BatchNorm is smooth in its input."""
+    return Curvature.SMOOTH_LAYER if (m.training or not m.track_running_stats) else Curvature.LAYER
+
+
+BATCHNORM = register(
+    OpRule("batch_norm", _couple_channel_norm, _slim_channel_norm, _flops_bn, Curvature.LAYER,
+           curvature_of=_bn_curvature),
     modules=(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm),
 )
-INSTANCENORM = _register(
+INSTANCENORM = register(
     OpRule("instance_norm", _couple_channel_norm, _slim_channel_norm,
-           lambda c: _numel(c.inp(0)) * (5 if c.module.affine else 4), "smooth"),
+           lambda c: numel(c.inp(0)) * (5 if c.module.affine else 4), "smooth"),
     modules=(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d),
 )
 
@@ -209,9 +215,9 @@ def _slim_group_norm(ctx: SlimCtx) -> None:
     m.num_channels, m.num_groups = n, n // cpg
 
 
-GROUPNORM = _register(
+GROUPNORM = register(
     OpRule("group_norm", _couple_group_norm, _slim_group_norm,
-           lambda c: _numel(c.inp(0)) * (5 if c.module.affine else 4), "smooth"),
+           lambda c: numel(c.inp(0)) * (5 if c.module.affine else 4), "smooth"),
     modules=(nn.GroupNorm,),
 )
 
@@ -224,7 +230,7 @@ def _couple_norm(k_of: Callable[[Ctx], int]) -> Callable[[Ctx], None]:
     def couple(ctx: Ctx) -> None:
         if not ctx.state.norm_width or k_of(ctx) != 1:
             return mixed(ctx)
-        x = _tensor_args(ctx.node)[0]
+        x = tensor_args(ctx.node)[0]
         nd = len(ctx.out_shape)
         sp = ctx.dim_map(x, {d: d for d in range(nd)})
         out = sp.get(nd - 1)
@@ -235,7 +241,7 @@ def _couple_norm(k_of: Callable[[Ctx], int]) -> Callable[[Ctx], None]:
         for attr, dim in _norm_affine(ctx):
             if isinstance(attr, str):
                 ctx.b.union(out, ctx.param(attr, dim, primary=True))
-            elif (s := _ts(attr).at(0)) is not None:
+            elif (s := tensor_spaces(attr).at(0)) is not None:
                 ctx.b.union(out, s)
             else:
                 ctx.b.pin(out)
@@ -272,18 +278,21 @@ def _slim_norm_function(ctx: SlimCtx) -> None:
         node.kwargs = {**node.kwargs, "normalized_shape": shape}
 
 
-LAYERNORM = _register(
+LAYERNORM = register(
     OpRule("layer_norm", _couple_norm(lambda c: len(c.module.normalized_shape)), _slim_norm_module,
-           lambda c: _numel(c.inp(0)) * (5 if c.module.elementwise_affine else 4), "smooth"),
+           lambda c: numel(c.inp(0)) * (5 if c.module.elementwise_affine else 4), Curvature.SMOOTH,
+           renormalises="layer"),
     modules=(nn.LayerNorm,),
 )
-F_LAYERNORM = _register(
+F_LAYERNORM = register(
     OpRule("layer_norm", _couple_norm(lambda c: len(c.arg(1, "normalized_shape"))), _slim_norm_function,
-           lambda c: _numel(c.inp(0)) * (5 if _arg(c.node, 2, "weight") is not None else 4), "smooth"),
+           lambda c: numel(c.inp(0)) * (5 if node_arg(c.node, 2, "weight") is not None else 4), Curvature.SMOOTH,
+           renormalises="layer"),
     functions=(F.layer_norm,),
 )
-RMSNORM = _register(
-    OpRule("rms_norm", _couple_norm(lambda c: len(c.module.normalized_shape)), _slim_norm_module, None, "smooth"),
+RMSNORM = register(
+    OpRule("rms_norm", _couple_norm(lambda c: len(c.module.normalized_shape)), _slim_norm_module, None,
+           Curvature.SMOOTH, renormalises="rms"),
     modules=(nn.RMSNorm,) if hasattr(nn, "RMSNorm") else (),
 )
 
@@ -292,8 +301,8 @@ def _couple_embedding(ctx: Ctx) -> None:
     nd = len(ctx.out_shape)
     out = ctx.new(nd - 1)
     ctx.b.union(out, ctx.param("weight", 1))
-    for a in _tensor_args(ctx.node):
-        ctx.b.pin_all(_spaces(a))
+    for a in tensor_args(ctx.node):
+        ctx.b.pin_all(spaces_of(a))
     ctx.set(TensorSpaces((out,)))
 
 
@@ -303,7 +312,7 @@ def _slim_embedding(ctx: SlimCtx) -> None:
     m.embedding_dim = m.weight.shape[1]
 
 
-EMBEDDING = _register(OpRule("embedding", _couple_embedding, _slim_embedding, None, "layer"),
+EMBEDDING = register(OpRule("embedding", _couple_embedding, _slim_embedding, None, "layer"),
                       modules=(nn.Embedding,))
 
 
@@ -326,6 +335,6 @@ def _slim_prelu(ctx: SlimCtx) -> None:
         m.num_parameters = m.weight.shape[0]
 
 
-PRELU = _register(OpRule("prelu", _couple_prelu, _slim_prelu, None, "piecewise"), modules=(nn.PReLU,))
+PRELU = register(OpRule("prelu", _couple_prelu, _slim_prelu, None, "piecewise"), modules=(nn.PReLU,))
 
 

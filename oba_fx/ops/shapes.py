@@ -12,21 +12,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import meta as M
-from ..coupling import EMPTY, Space, TensorSpaces
-from .base import Ctx, FlopCtx, OpRule, SlimCtx, _arg, _numel, _register, _shape, _spaces, _tensor_args, _ts
-from .generic import broadcast_dim, _norm_dims, _size_args, couple_reshape, slim_sizes
+from ..spaces import EMPTY, Space, TensorSpaces
+from .base import Ctx, FlopCtx, OpRule, SlimCtx, node_arg, numel, register, shape_of, spaces_of, tensor_args, tensor_spaces
+from .generic import broadcast_dim, norm_dims, size_args, couple_reshape, slim_sizes
 
 
 # ============================================================================ shape ops
 def _couple_flatten(ctx: Ctx) -> None:
-    couple_reshape(ctx, _tensor_args(ctx.node)[0])
+    couple_reshape(ctx, tensor_args(ctx.node)[0])
 
 
-FLATTEN = _register(
+FLATTEN = register(
     OpRule("flatten", _couple_flatten), modules=(nn.Flatten,), functions=(torch.flatten,),
     methods=("flatten",),
 )
-RESHAPE = _register(
+RESHAPE = register(
     OpRule("reshape", lambda c: couple_reshape(c), slim_sizes(1, None)),
     functions=(torch.reshape,), methods=("view", "reshape"),
 )
@@ -37,7 +37,7 @@ def _couple_permute(ctx: Ctx) -> None:
     nd = len(ctx.out_shape)
     tgt = node.target
     if tgt in ("permute", torch.permute):
-        p = _size_args(node, 1)[0] if tgt == "permute" else list(ctx.arg(1, "dims"))
+        p = size_args(node, 1)[0] if tgt == "permute" else list(ctx.arg(1, "dims"))
         m = {p[k] % nd: k for k in range(nd)}
     elif tgt in ("t",):
         m = {0: 1, 1: 0} if nd == 2 else {0: 0}
@@ -58,7 +58,7 @@ def _couple_permute(ctx: Ctx) -> None:
     ctx.set(TensorSpaces(tuple(ctx.dim_map(node.args[0], m).values())))
 
 
-PERMUTE = _register(
+PERMUTE = register(
     OpRule("permute", _couple_permute),
     functions=(torch.permute, torch.transpose, torch.swapaxes, torch.movedim),
     methods=("permute", "transpose", "swapaxes", "t", "movedim"),
@@ -66,13 +66,13 @@ PERMUTE = _register(
 
 
 def _couple_unsqueeze(ctx: Ctx) -> None:
-    ish, osh = _shape(ctx.node.args[0]), ctx.out_shape
+    ish, osh = shape_of(ctx.node.args[0]), ctx.out_shape
     if ctx.node.target in ("unsqueeze", torch.unsqueeze):
         d = ctx.arg(1, "dim") % len(osh)
         m = {i: (i if i < d else i + 1) for i in range(len(ish))}
     else:  # squeeze
         dim = ctx.arg(1, "dim")
-        dims = set(range(len(ish))) if dim is None else set(_norm_dims(dim, len(ish)))
+        dims = set(range(len(ish))) if dim is None else set(norm_dims(dim, len(ish)))
         dropped = {i for i in dims if ish[i] == 1}
         m, j = {}, 0
         for i in range(len(ish)):
@@ -84,18 +84,18 @@ def _couple_unsqueeze(ctx: Ctx) -> None:
     ctx.set(TensorSpaces(tuple(ctx.dim_map(ctx.node.args[0], m).values())))
 
 
-UNSQUEEZE = _register(OpRule("unsqueeze", _couple_unsqueeze),
+UNSQUEEZE = register(OpRule("unsqueeze", _couple_unsqueeze),
                       functions=(torch.unsqueeze, torch.squeeze), methods=("unsqueeze", "squeeze"))
 
 
 def _couple_expand(ctx: Ctx) -> None:
-    ish, osh = _shape(ctx.node.args[0]), ctx.out_shape
+    ish, osh = shape_of(ctx.node.args[0]), ctx.out_shape
     off = len(osh) - len(ish)
     ctx.set(TensorSpaces(tuple(ctx.dim_map(
         ctx.node.args[0], {i: (i + off if ish[i] == osh[i + off] else None) for i in range(len(ish))}).values())))
 
 
-EXPAND = _register(OpRule("expand", _couple_expand, slim_sizes(1, lambda c, d: -1)), methods=("expand",))
+EXPAND = register(OpRule("expand", _couple_expand, slim_sizes(1, lambda c, d: -1)), methods=("expand",))
 
 
 def _couple_cat(ctx: Ctx) -> None:
@@ -104,12 +104,12 @@ def _couple_cat(ctx: Ctx) -> None:
     d = ctx.arg(1, "dim", 0) % nd
     spaces: list[Space] = []
     # the concatenated dim
-    if any(_ts(t).at(d) is not None for t in tensors):
+    if any(tensor_spaces(t).at(d) is not None for t in tensors):
         o = ctx.new(d)
         off = 0
         for t in tensors:
-            n = _shape(t)[d]
-            s = _ts(t).at(d)
+            n = shape_of(t)[d]
+            s = tensor_spaces(t).at(d)
             rng = np.arange(off, off + n)
             if s is None:
                 ctx.b.pin(o, rng)
@@ -125,7 +125,7 @@ def _couple_cat(ctx: Ctx) -> None:
 
 def _tie_inputs(ctx: Ctx, tensors: list, in_dim: int, out_dim: int) -> list[Space]:
     """Tie dim ``in_dim`` of every input to ``out_dim`` of the output (inputs of one shape)."""
-    tied = [_ts(t).at(in_dim) for t in tensors]
+    tied = [tensor_spaces(t).at(in_dim) for t in tensors]
     if all(s is None for s in tied):
         return []
     if any(s is None for s in tied) and ctx.out_shape[out_dim] > 1:
@@ -139,7 +139,7 @@ def _tie_inputs(ctx: Ctx, tensors: list, in_dim: int, out_dim: int) -> list[Spac
     return [o]
 
 
-CAT = _register(OpRule("cat", _couple_cat), functions=(torch.cat, torch.concat, torch.concatenate))
+CAT = register(OpRule("cat", _couple_cat), functions=(torch.cat, torch.concat, torch.concatenate))
 
 
 def _couple_stack(ctx: Ctx) -> None:
@@ -150,11 +150,11 @@ def _couple_stack(ctx: Ctx) -> None:
     ctx.set(TensorSpaces(tuple(spaces)))
 
 
-STACK = _register(OpRule("stack", _couple_stack), functions=(torch.stack,))
+STACK = register(OpRule("stack", _couple_stack), functions=(torch.stack,))
 
 
 def _split_dim(ctx) -> int:
-    nd = len(_shape(ctx.node.args[0]))
+    nd = len(shape_of(ctx.node.args[0]))
     return ctx.arg(2, "dim", 0) % nd
 
 
@@ -162,14 +162,14 @@ def _couple_split(ctx: Ctx) -> None:
     x = ctx.node.args[0]
     tms = ctx.node.meta.get(M.TENSOR_META)
     d = _split_dim(ctx)
-    s = _ts(x).at(d)
-    nd = len(_shape(x))
+    s = tensor_spaces(x).at(d)
+    nd = len(shape_of(x))
     outs = []
     off = 0
     for k, tm in enumerate(tms):
         sh = tuple(tm.shape)
         spaces = []
-        for xs in _ts(x).spaces:
+        for xs in tensor_spaces(x).spaces:
             o = ctx.b._new("tensor", f"{ctx.node.name}[{k}]", xs.dim, sh[xs.dim])
             if xs.dim == d:
                 ctx.b.union(xs, o, np.arange(off, off + sh[d]))
@@ -186,7 +186,7 @@ def _slim_split(ctx: SlimCtx) -> None:
     node = ctx.node
     x = node.args[0]
     d = _split_dim(ctx)
-    if _ts(x).at(d) is None:
+    if tensor_spaces(x).at(d) is None:
         return
     sizes = []
     for k, tm in enumerate(node.meta[M.TENSOR_META]):
@@ -196,19 +196,19 @@ def _slim_split(ctx: SlimCtx) -> None:
     node.args, node.kwargs = (x, sizes), {"dim": d}
 
 
-SPLIT = _register(OpRule("split", _couple_split, _slim_split),
+SPLIT = register(OpRule("split", _couple_split, _slim_split),
                   functions=(torch.split, torch.chunk, torch.tensor_split), methods=("split", "chunk"))
 
 
 def _couple_pad(ctx: Ctx) -> None:
     x = ctx.node.args[0]
     pad = list(ctx.arg(1, "pad"))
-    ish = _shape(x)
+    ish = shape_of(x)
     nd = len(ish)
     amounts = {nd - 1 - k // 2: (pad[k], pad[k + 1]) for k in range(0, len(pad), 2)}
     spaces = []
     for d in range(nd):
-        s = _ts(x).at(d)
+        s = tensor_spaces(x).at(d)
         lo, hi = amounts.get(d, (0, 0))
         if lo < 0 or hi < 0:
             ctx.b.pin(s)
@@ -228,8 +228,8 @@ def _couple_pad(ctx: Ctx) -> None:
 def _slim_pad(ctx: SlimCtx) -> None:
     node = ctx.node
     x = node.args[0]
-    pad = list(_arg(node, 1, "pad"))
-    nd = len(_shape(x))
+    pad = list(node_arg(node, 1, "pad"))
+    nd = len(shape_of(x))
     for o in ctx.ts(node).spaces:
         k = 2 * (nd - 1 - o.dim)
         if k + 1 >= len(pad):
@@ -244,28 +244,28 @@ def _slim_pad(ctx: SlimCtx) -> None:
         node.kwargs = {**node.kwargs, "pad": tuple(pad)}
 
 
-PAD = _register(OpRule("pad", _couple_pad, _slim_pad), functions=(F.pad,))
+PAD = register(OpRule("pad", _couple_pad, _slim_pad), functions=(F.pad,))
 
 
 def _couple_roll(ctx: Ctx) -> None:
     x = ctx.node.args[0]
-    nd = len(_shape(x))
+    nd = len(shape_of(x))
     dims = ctx.arg(2, "dims")
     if dims is None:
         return ctx.barrier("roll without dims mixes every dimension")
-    rolled = set(_norm_dims(dims, nd))
+    rolled = set(norm_dims(dims, nd))
     ctx.set(TensorSpaces(tuple(ctx.dim_map(x, {d: (None if d in rolled else d) for d in range(nd)}).values())))
 
 
-ROLL = _register(OpRule("roll", _couple_roll), functions=(torch.roll,), methods=("roll",))
+ROLL = register(OpRule("roll", _couple_roll), functions=(torch.roll,), methods=("roll",))
 
 
 def _couple_matmul(ctx: Ctx) -> None:
     a, b = ctx.node.args[0], ctx.node.args[1]
-    sa, sb, so = _shape(a), _shape(b), ctx.out_shape
+    sa, sb, so = shape_of(a), shape_of(b), ctx.out_shape
     if sa is None or sb is None or len(sa) < 2 or len(sb) < 2:
         return ctx.barrier("matmul with a 1-D or non-tensor operand")
-    ka, kb = _ts(a).at(len(sa) - 1), _ts(b).at(len(sb) - 2)
+    ka, kb = tensor_spaces(a).at(len(sa) - 1), tensor_spaces(b).at(len(sb) - 2)
     if ka is not None and kb is not None:
         ctx.b.union(ka, kb)
     else:
@@ -273,7 +273,7 @@ def _couple_matmul(ctx: Ctx) -> None:
         ctx.b.pin(kb)
     spaces = []
     nd = len(so)
-    ra, rb = _ts(a).at(len(sa) - 2), _ts(b).at(len(sb) - 1)
+    ra, rb = tensor_spaces(a).at(len(sa) - 2), tensor_spaces(b).at(len(sb) - 1)
     for src, od in ((ra, nd - 2), (rb, nd - 1)):
         if src is not None:
             o = ctx.new(od)
@@ -287,26 +287,26 @@ def _couple_matmul(ctx: Ctx) -> None:
 
 
 def _matmul_flops(c: FlopCtx) -> int:
-    return _numel(c.out) * c.shape(c.node.args[0])[-1]
+    return numel(c.out) * c.shape(c.node.args[0])[-1]
 
 
-MATMUL = _register(OpRule("matmul", _couple_matmul, None, _matmul_flops, "bilinear"),
+MATMUL = register(OpRule("matmul", _couple_matmul, None, _matmul_flops, "bilinear"),
                    functions=(torch.matmul, operator.matmul, torch.bmm), methods=("matmul", "bmm"))
 
 
 # ---- getitem --------------------------------------------------------------------------
 def _couple_getitem(ctx: Ctx) -> None:
     src, idx = ctx.node.args
-    v = _spaces(src)
+    v = spaces_of(src)
     if isinstance(v, tuple):  # element of a split / chunk result
         ctx.set(v[idx] if isinstance(idx, int) else EMPTY)
         if not isinstance(idx, int):
             ctx.b.pin_all(v)
         return
-    if not isinstance(v, TensorSpaces) or _shape(src) is None:
+    if not isinstance(v, TensorSpaces) or shape_of(src) is None:
         return ctx.set(EMPTY if ctx.out_shape is not None else None)
     idx = idx if isinstance(idx, tuple) else (idx,)
-    ish = _shape(src)
+    ish = shape_of(src)
     n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
     expanded: list[Any] = []
     for i in idx:
@@ -339,9 +339,9 @@ def _couple_getitem(ctx: Ctx) -> None:
             d += 1
         elif _single_gather(i, expanded):  # x[idx]: gathers along d, other dims pass
             ctx.b.pin(s)
-            ctx.b.pin_all(_spaces(i))  # the index's own dims are not carried
+            ctx.b.pin_all(spaces_of(i))  # the index's own dims are not carried
             d += 1
-            od += len(_shape(i))
+            od += len(shape_of(i))
         else:
             return ctx.barrier("indexing with a boolean mask, a list, or several tensors")
     ctx.set(TensorSpaces(tuple(spaces)))
@@ -350,7 +350,7 @@ def _couple_getitem(ctx: Ctx) -> None:
 def _single_gather(i: Any, expanded: list) -> bool:
     """``i`` is the only advanced index (an integer tensor) among slices: torch puts its dims
     where it stands."""
-    if not isinstance(i, torch.fx.Node) or _shape(i) is None:
+    if not isinstance(i, torch.fx.Node) or shape_of(i) is None:
         return False
     tm = i.meta.get(M.TENSOR_META)
     if tm is None or tm.dtype in (torch.bool, torch.uint8) or tm.dtype.is_floating_point:
@@ -360,12 +360,12 @@ def _single_gather(i: Any, expanded: list) -> bool:
 
 def _slim_getitem(ctx: SlimCtx) -> None:
     src, idx = ctx.node.args
-    v = _spaces(src)
+    v = spaces_of(src)
     if not isinstance(v, TensorSpaces) or not v.spaces:
         return
     was_tuple = isinstance(idx, tuple)
     idx = list(idx) if was_tuple else [idx]
-    ish = _shape(src)
+    ish = shape_of(src)
     n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
     d, changed, out = 0, False, []
     for i in idx:
@@ -389,6 +389,6 @@ def _slim_getitem(ctx: SlimCtx) -> None:
         ctx.node.args = (src, tuple(out) if was_tuple else out[0])
 
 
-GETITEM = _register(OpRule("getitem", _couple_getitem, _slim_getitem), functions=(operator.getitem,))
+GETITEM = register(OpRule("getitem", _couple_getitem, _slim_getitem), functions=(operator.getitem,))
 
 

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 import torch.fx
 
-from ..coupling import _State
-from .base import Ctx, _shape, _ts
-from .generic import _size_args
+from ..spaces import AnalysisState
+from .base import Ctx, shape_of, tensor_spaces
+from .generic import size_args
 
 
 # ============================================================================ size values
@@ -21,31 +21,43 @@ INT_ARITH = {operator.add, operator.sub, operator.mul, operator.floordiv, operat
 SIZE_CONSUMERS = {"view", "reshape", "expand", torch.reshape}
 
 
-def _is_tensor(node: Any) -> bool:
-    return _shape(node) is not None
+def is_tensor(node: Any) -> bool:
+    return shape_of(node) is not None
 
 
-def _size_node(ctx: Ctx) -> bool:
+def is_size_value(node: torch.fx.Node) -> bool:
+    """Whether ``node`` computes a size (``x.shape``, ``x.size(1)``, ``x.dim()``, an item of
+    those): an integer, with no derivative and no channels."""
+    if node.op == "call_function" and node.target in SIZE_FUNCTIONS:
+        return True
+    if node.op == "call_method" and node.target in SIZE_METHODS:
+        return True
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], torch.fx.Node):
+        return is_size_value(node.args[0])
+    return False
+
+
+def size_node(ctx: Ctx) -> bool:
     """Handle x.shape / x.size() / x.size(d): record which channel spaces the value reveals."""
     node, st = ctx.node, ctx.state
-    if node.op == "call_function" and node.target is getattr and _is_tensor(node.args[0]):
+    if node.op == "call_function" and node.target is getattr and is_tensor(node.args[0]):
         if node.args[1] == "shape":
             st.size_vec[node.name] = tuple(
-                frozenset([s.id]) if (s := _ts(node.args[0]).at(d)) else frozenset()
-                for d in range(len(_shape(node.args[0]))))
+                frozenset([s.id]) if (s := tensor_spaces(node.args[0]).at(d)) else frozenset()
+                for d in range(len(shape_of(node.args[0]))))
         return True
-    if node.op == "call_method" and node.target in SIZE_METHODS and _is_tensor(node.args[0]):
+    if node.op == "call_method" and node.target in SIZE_METHODS and is_tensor(node.args[0]):
         x = node.args[0]
         if node.target == "size":
             dim = ctx.arg(1, "dim")
             if dim is None:
                 st.size_vec[node.name] = tuple(
-                    frozenset([s.id]) if (s := _ts(x).at(d)) else frozenset() for d in range(len(_shape(x))))
+                    frozenset([s.id]) if (s := tensor_spaces(x).at(d)) else frozenset() for d in range(len(shape_of(x))))
             else:
-                s = _ts(x).at(dim % len(_shape(x)))
+                s = tensor_spaces(x).at(dim % len(shape_of(x)))
                 st.taint[node.name] = frozenset([s.id]) if s else frozenset()
         elif node.target == "numel":
-            st.taint[node.name] = frozenset(s.id for s in _ts(x).spaces)
+            st.taint[node.name] = frozenset(s.id for s in tensor_spaces(x).spaces)
         return True
     if node.op == "call_function" and node.target is operator.getitem and node.args[0] is not None \
             and isinstance(node.args[0], torch.fx.Node) and node.args[0].name in st.size_vec:
@@ -55,13 +67,13 @@ def _size_node(ctx: Ctx) -> bool:
         elif isinstance(i, slice):
             st.size_vec[node.name] = vec[i]
         return True
-    if node.op == "call_function" and node.target in INT_ARITH and not _is_tensor(node):
+    if node.op == "call_function" and node.target in INT_ARITH and not is_tensor(node):
         st.taint[node.name] = frozenset().union(*(_taint_of(st, a) for a in node.args))
         return True
     return False
 
 
-def _taint_of(st: _State, a: Any) -> frozenset[int]:
+def _taint_of(st: AnalysisState, a: Any) -> frozenset[int]:
     if isinstance(a, torch.fx.Node):
         if a.name in st.size_vec:
             return frozenset().union(*st.size_vec[a.name]) if st.size_vec[a.name] else frozenset()
@@ -73,15 +85,15 @@ def _taint_of(st: _State, a: Any) -> frozenset[int]:
     return frozenset()
 
 
-def _check_taint(ctx: Ctx) -> None:
+def check_taint(ctx: Ctx) -> None:
     """A channel count read from a shape may only size the spaced dims of view/reshape/expand
     (which slimming rewrites). Anywhere else it would silently keep the old count: pin."""
     node, st = ctx.node, ctx.state
     t = node.target
-    if t in SIZE_CONSUMERS and _is_tensor(node):
+    if t in SIZE_CONSUMERS and is_tensor(node):
         start = 1
-        sizes, _ = _size_args(node, start)
-        spaced = set(_ts(node).dims)
+        sizes, _ = size_args(node, start)
+        spaced = set(tensor_spaces(node).dims)
         bad = frozenset()
         for d, a in enumerate(sizes):
             if d not in spaced:
