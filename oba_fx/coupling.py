@@ -7,7 +7,7 @@ removed (pinned). The connected components of elements are *units*: the smallest
 channels that can be removed while the network stays well formed (an output channel of a
 conv with its bias, its BatchNorm entries and the matching input columns of every consumer;
 a whole group of a grouped conv; a whole attention head). Units that share a space form a
-*group* (the coupled layers of DESIGN.md §3).
+*group* (the coupled layers; ``docs/design.md`` "The pipeline and its records").
 
 A unit is prunable when none of its elements is pinned and it contains at least one element of
 a *primary* space (a layer's own weight/bias channel dimension); only those are scored.

@@ -1,6 +1,6 @@
 """Which blocks of the functional Hessian ``H_F`` can be non-zero, read off the graph.
 
-``H_F = Σ_n λ_n f_n''`` (DESIGN.md §2): only ops with a second derivative contribute.
+``H_F = Σ_n λ_n f_n''`` (``docs/design.md`` "Which Hessian blocks"): only ops with a second derivative contribute.
 
 * a parameterised layer ``Y = W ⋆ X`` has the cross term ``∂²/∂W∂X``: its block with every
   layer upstream of ``X`` may be non-zero (**series**);

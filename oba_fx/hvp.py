@@ -1,6 +1,6 @@
 """Fused loss, gradient and Hessian-vector product ``H θ`` in one dual forward and one backward.
 
-This module is pure algorithm (it never imports ``oba_fx.passes``). Notation as in DESIGN.md §2:
+This module is pure algorithm (it never imports ``oba_fx.passes``). Notation as in ``docs/design.md`` "The maths":
 ``θ`` the scored parameters, ``z`` the logits, ``ℓ(z)`` the loss of a batch,
 ``c = ∂ℓ/∂z``, ``J = ∂z/∂θ``, ``v`` the tangent (``v = θ`` for OBA).
 
@@ -15,7 +15,7 @@ The backward runs on dual tensors, so it returns at once
   the same backward, and the result is ``H v``.
 
 By symmetry of second derivatives this equals ``∇_θ ⟨stopgrad(c), ż⟩`` (+ ``∇_θ ⟨stopgrad(∇²_z ℓ ż),
-z⟩``), the reverse-over-forward form of DESIGN.md §2, at the same cost. Per conv / linear layer
+z⟩``), the reverse-over-forward form (``docs/design.md`` "The fused HVP"), at the same cost. Per conv / linear layer
 (counting convolutions; one gradient costs 1 forward + 2 backward = 3): eagerly, the dual forward
 runs ``Y``, ``W ⋆ Ẋ`` and ``θ ⋆ X`` and the backward the input- and weight-gradients of the
 primal and of their tangents: 9, i.e. 3× a gradient. The generated program (below) shares
@@ -35,7 +35,7 @@ other parameters, buffers, inputs and targets as explicit placeholders) into one
 ``torch.fx.GraphModule`` and simplifies it using that the tangent *is* ``θ``: aliases and
 detaches are dropped, exact zeros are propagated (the input's zero tangent), and
 common-subexpression elimination finds that the tangent ``conv(X, θ)`` is the primal
-``conv(X, W)`` (``Ẏ = Y + W ⋆ Ẋ``, DESIGN.md §2) and that the backward's ``convᵀ(ȳ, θ)`` is the
+``conv(X, W)`` (``Ẏ = Y + W ⋆ Ẋ``, ``docs/design.md`` "The fused HVP") and that the backward's ``convᵀ(ȳ, θ)`` is the
 primal input-gradient; dead code is removed (without ``with_grad`` the primal weight-gradients go
 too). The program gives the eager numbers to round-off.
 

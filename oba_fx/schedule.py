@@ -1,4 +1,4 @@
-"""Iterative pruning schedules (DESIGN.md §2).
+"""Iterative pruning schedules (``docs/design.md`` "Schedule").
 
 The paper prunes in ``N`` steps with an exponential schedule of the removed-channel fraction,
 ``p_t = 1 - (1 - p)^(t/N)``, rescoring after each step, where the channel ceiling for a

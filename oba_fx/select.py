@@ -3,7 +3,7 @@
 Scores arrive per parameter (``{name: tensor of the parameter's shape}``, see
 :mod:`oba_fx.criteria`, :func:`oba_fx.score`). For each prunable unit, each member layer's entries are summed
 (signed), the absolute value taken, averaged over the member layers, normalised by the
-maximum in the unit's coupling group, and all units are ranked globally (DESIGN.md §2).
+maximum in the unit's coupling group, and all units are ranked globally (``docs/design.md`` "The maths").
 
 Example:
     >>> import numpy as np

@@ -1,15 +1,25 @@
-"""torch.fx passes of oba_fx (installed as ``oba_fx.passes``).
+"""torch.fx passes of oba_fx.
 
-Each pass is a thin ``torch.fx.passes.infra.pass_base.PassBase`` over an algorithm in
-``oba_fx``: it reads what earlier passes wrote into ``node.meta`` / ``gm.meta`` and writes its
-own typed record. :mod:`oba_fx.passes.pipeline` runs them in order.
+This folder is the top-level ``passes/`` of the repository; ``setup.cfg`` installs it as the
+subpackage ``oba_fx.passes`` (``package_dir``), so it never collides with another top-level
+package named ``passes``. Import it as ``oba_fx.passes``.
+
+Each pass is an :class:`~oba_fx.passes.base.OBAPass` (a ``torch.fx``
+``PassBase``: ``GraphModule -> PassResult``) over one algorithm of ``oba_fx``: it declares the
+``gm.meta`` records it requires and ensures, reads what earlier passes wrote and writes its own
+typed record. :mod:`oba_fx.passes.pipeline` is the one module that runs them in order
+(``docs/design.md`` "The pipeline and its records").
 """
 
+from .base import OBAPass
+from .bn_recalibration import BNRecalibrationPass
 from .coupling import CouplingPass
 from .hessian_structure import HessianStructurePass
+from .score import ScorePass
 from .select import SelectPass
 from .shape_prop import ShapePropPass
 from .slim import SlimPass
 from .verify import VerifyPass
 
-__all__ = ["ShapePropPass", "CouplingPass", "HessianStructurePass", "SelectPass", "SlimPass", "VerifyPass"]
+__all__ = ["OBAPass", "ShapePropPass", "CouplingPass", "HessianStructurePass", "ScorePass", "SelectPass", "SlimPass",
+           "VerifyPass", "BNRecalibrationPass"]

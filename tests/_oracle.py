@@ -14,7 +14,7 @@ sides of that check. This oracle shares none of it:
      (conv / linear rows, transposed-conv columns, BatchNorm / GroupNorm / InstanceNorm / PReLU
      entries, embedding columns) multiplies that module's output by a 0/1 channel mask. This
      is what makes a removed channel zero *after* its BatchNorm shift and bias, as the design
-     requires (DESIGN.md §3, step 8);
+     requires (``docs/design.md`` "The pipeline and its records");
   2. **consumers**: the input columns that a layer lost (``kept[w][1]`` of a conv with
      ``groups == 1`` or of a linear, ``kept[w][0]`` of a transposed conv) are set to zero in its
      weight, so a removed channel contributes nothing even if some op without parameters on

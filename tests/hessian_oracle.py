@@ -2,7 +2,7 @@
 
 Everything is built from plain reverse mode, row by row: ``H[i] = ∇_θ (∇_θ L)_i`` with
 ``torch.autograd.grad`` double backward. ``torch.func.hessian`` / ``jacrev(jacrev(·))`` are not
-used: in torch 2.14.1 they return wrong blocks for LayerNorm weights (DESIGN.md §2). One
+used: in torch 2.14.1 they return wrong blocks for LayerNorm weights (``docs/design.md`` "Which Hessian blocks"). One
 finite-difference helper checks the oracle itself.
 
 The functions of a flat parameter vector run the model with ``torch.func.functional_call`` in
@@ -176,7 +176,7 @@ def hadamard(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# tiny float64 models (each exercises one kind of curvature of DESIGN.md §2)
+# tiny float64 models (each exercises one kind of curvature of ``docs/design.md`` "Which Hessian blocks")
 # --------------------------------------------------------------------------------------------
 
 
