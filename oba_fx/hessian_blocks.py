@@ -58,20 +58,19 @@ def _attention_scores_inputs(node: torch.fx.Node) -> list[Any]:
     return [vals[0], vals[1], vals[3]]
 
 
-def block_structure(gm: torch.fx.GraphModule) -> nx.Graph:
-    """The block structure of ``H_F`` as an undirected graph.
+class _Blocks:
+    """The block graph under construction, and which layers reach each node's value."""
 
-    Edges carry ``kind`` ("series" when one layer is upstream of the other's input, else
-    "parallel") and ``kinds`` (every reason found). A self-loop marks a layer whose own block
-    may be non-zero.
-    """
-    G = nx.Graph(name="hessian_blocks")
-    up: dict[str, frozenset[str]] = {}
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
+        self.gm = gm
+        self.G = nx.Graph(name="hessian_blocks")
+        self.up: dict[str, frozenset[str]] = {}
 
-    def ups(a: Any) -> frozenset[str]:
-        return up.get(a.name, frozenset()) if isinstance(a, torch.fx.Node) else frozenset()
+    def ups(self, a: Any) -> frozenset[str]:
+        return self.up.get(a.name, frozenset()) if isinstance(a, torch.fx.Node) else frozenset()
 
-    def add(a: str, b: str, kind: str) -> None:
+    def add(self, a: str, b: str, kind: str) -> None:
+        G = self.G
         if G.has_edge(a, b):
             G.edges[a, b]["kinds"] = sorted(set(G.edges[a, b]["kinds"]) | {kind})
             if kind == "series":
@@ -79,73 +78,92 @@ def block_structure(gm: torch.fx.GraphModule) -> nx.Graph:
         else:
             G.add_edge(a, b, kind=kind, kinds=[kind])
 
-    def mix(sets: list[frozenset[str]], cross_only: bool) -> None:
-        """Pairs between operands (cross_only) or among everything that reaches the op."""
+    def mix(self, sets: list[frozenset[str]], cross_only: bool) -> None:
+        """Parallel pairs between operands (``cross_only``) or among everything that reaches the op."""
         if cross_only:
             for i in range(len(sets)):
                 for j in range(i + 1, len(sets)):
                     for a in sets[i]:
                         for b in sets[j]:
-                            add(a, b, "parallel")
+                            self.add(a, b, "parallel")
         else:
             allv = sorted(frozenset().union(*sets)) if sets else []
             for i, a in enumerate(allv):
                 for b in allv[i:]:
-                    add(a, b, "parallel")
+                    self.add(a, b, "parallel")
 
-    for node in gm.graph.nodes:
-        if node.op in ("placeholder", "output"):
-            continue
+    def attention(self, node: torch.fx.Node) -> None:
+        """``softmax(q kᵀ + mask) v``: smooth in (q, k, mask), linear in v."""
+        qk = frozenset().union(*(self.ups(a) for a in _attention_scores_inputs(node)))
+        v = self.ups(node.args[2]) if len(node.args) > 2 else self.ups(node.kwargs.get("value"))
+        self.mix([qk], cross_only=False)
+        self.mix([qk, v], cross_only=True)
+        for a in qk & v:
+            self.add(a, a, "parallel")
+
+    def bilinear(self, node: torch.fx.Node, ins: list[torch.fx.Node], quotient: bool) -> None:
+        """A product (or quotient) of two operands."""
+        tensors = [a for a in node.args if isinstance(a, torch.fx.Node)]
+        operands = tensors[:2] if len(tensors) >= 2 else ins
+        operand_sets = [self.ups(a) for a in operands]
+        params = [_layer_of(self.gm, a) for a in operands if isinstance(a, torch.fx.Node) and a.op == "get_attr"]
+        if len(operands) == 2 and any(params):  # parameter * activation: that parameter's series term
+            p_layer = next(p for p in params if p)
+            for a in frozenset().union(*operand_sets) - {p_layer}:
+                self.add(p_layer, a, "series")
+            operand_sets = [s - {p_layer} for s in operand_sets]
+        self.mix(operand_sets, cross_only=True)
+        if len(operand_sets) == 2:  # a layer reaching both operands (y * gate(y)) gets its own block
+            for a in operand_sets[0] & operand_sets[1]:
+                self.add(a, a, "parallel")
+        if quotient and len(node.args) >= 2:  # 1/v is smooth in v
+            self.mix([self.ups(node.args[1])], cross_only=False)
+
+    def visit(self, node: torch.fx.Node) -> None:
+        gm = self.gm
         layer = _layer_of(gm, node)
         if layer is not None:
-            G.add_node(layer, kind="layer")
+            self.G.add_node(layer, kind="layer")
         ins = list(node.all_input_nodes) if node.op != "get_attr" else []
-        in_sets = [ups(a) for a in ins]
+        in_sets = [self.ups(a) for a in ins]
         reach = frozenset().union(*in_sets) if in_sets else frozenset()
         if is_size_value(node):  # x.shape, x.size(1), ...: integers, no derivative
-            up[node.name] = frozenset()
-            continue
+            self.up[node.name] = frozenset()
+            return
         rule = rule_for_node(gm, node) if node.op != "get_attr" else None
         if rule is not None:
             curv = rule.curvature_for(gm, node)
         else:
             curv = Curvature.NONE if node.op == "get_attr" else Curvature.UNKNOWN
         if curv in (Curvature.SMOOTH, Curvature.UNKNOWN, Curvature.SMOOTH_LAYER):
-            mix(in_sets, cross_only=False)
-        elif curv == Curvature.ATTENTION:  # softmax(q kᵀ + mask) v: smooth in (q, k, mask), linear in v
-            qk = frozenset().union(*(ups(a) for a in _attention_scores_inputs(node)))
-            v = ups(node.args[2]) if len(node.args) > 2 else ups(node.kwargs.get("value"))
-            mix([qk], cross_only=False)
-            mix([qk, v], cross_only=True)
-            for a in qk & v:
-                add(a, a, "parallel")
+            self.mix(in_sets, cross_only=False)
+        elif curv == Curvature.ATTENTION:
+            self.attention(node)
         elif curv in (Curvature.BILINEAR, Curvature.QUOTIENT):
-            tensors = [a for a in node.args if isinstance(a, torch.fx.Node)]
-            operands = tensors[:2] if len(tensors) >= 2 else ins
-            operand_sets = [ups(a) for a in operands]
-            params = [_layer_of(gm, a) for a in operands if isinstance(a, torch.fx.Node) and a.op == "get_attr"]
-            if len(operands) == 2 and any(params):  # parameter * activation: that parameter's series term
-                p_layer = next(p for p in params if p)
-                for a in frozenset().union(*operand_sets) - {p_layer}:
-                    add(p_layer, a, "series")
-                operand_sets = [s - {p_layer} for s in operand_sets]
-            mix(operand_sets, cross_only=True)
-            # a layer reaching both operands (y * gate(y)) gets its own block
-            if len(operand_sets) == 2:
-                for a in operand_sets[0] & operand_sets[1]:
-                    add(a, a, "parallel")
-            if curv == Curvature.QUOTIENT and len(node.args) >= 2:  # 1/v is smooth in v
-                mix([ups(node.args[1])], cross_only=False)
+            self.bilinear(node, ins, curv == Curvature.QUOTIENT)
         if layer is not None and node.op == "call_module":
             for a in reach:  # the layer's (W, X) cross term
-                add(layer, a, "series")
+                self.add(layer, a, "series")
             if curv == Curvature.UNKNOWN:  # a parameterised op we do not understand: assume it mixes
                 for a in reach | {layer}:
-                    add(layer, a, "parallel")
-                add(layer, layer, "parallel")
-            up[node.name] = reach | {layer}
+                    self.add(layer, a, "parallel")
+                self.add(layer, layer, "parallel")
+            self.up[node.name] = reach | {layer}
         elif layer is not None:  # a parameter read with get_attr
-            up[node.name] = frozenset([layer])
+            self.up[node.name] = frozenset([layer])
         else:
-            up[node.name] = reach
-    return G
+            self.up[node.name] = reach
+
+
+def block_structure(gm: torch.fx.GraphModule) -> nx.Graph:
+    """The block structure of ``H_F`` as an undirected graph.
+
+    Edges carry ``kind`` ("series" when one layer is upstream of the other's input, else
+    "parallel") and ``kinds`` (every reason found). A self-loop marks a layer whose own block
+    may be non-zero.
+    """
+    blocks = _Blocks(gm)
+    for node in gm.graph.nodes:
+        if node.op not in ("placeholder", "output"):
+            blocks.visit(node)
+    return blocks.G
