@@ -23,7 +23,8 @@ from .tracing import as_tuple
 log = logging.getLogger(__name__)
 
 
-def _target(channel_ratio, target_flops, target_params, max_layer_ratio, round_to, min_channels=1) -> Target:
+def _target(channel_ratio, target_flops, target_params, max_layer_ratio, round_to, min_channels=1,
+            ranking="group_max") -> Target:
     given = {k: v for k, v in (("channels", channel_ratio), ("flops", target_flops), ("params", target_params))
              if v is not None}
     if len(given) != 1:
@@ -31,7 +32,7 @@ def _target(channel_ratio, target_flops, target_params, max_layer_ratio, round_t
             "give exactly one target: channel_ratio=<fraction of channels removed>, target_flops=<retained "
             f"FLOPs fraction> or target_params=<retained parameter fraction>; got {sorted(given) or 'none'}")
     (kind, value), = given.items()
-    return Target(kind, float(value), max_layer_ratio, round_to, min_channels)
+    return Target(kind, float(value), max_layer_ratio, round_to, min_channels, ranking)
 
 
 def _module_names(model: nn.Module, ignore: Iterable[Any]) -> list[str]:
@@ -61,7 +62,7 @@ def prune_graph(model: nn.Module, example_inputs: Any, *, criterion: str = "l1",
                 max_batches: int | None = None, max_layer_ratio: float = 0.95, min_channels: int = 1,
                 steps: int = 1, bn_recalibration: bool = True, leaf_modules: Iterable[type | str] = (),
                 concrete_args: dict | None = None, verify: bool = True, rtol: float = 1e-4, seed: int = 0,
-                verbose: bool = True, embed_width: bool = False) -> torch.fx.GraphModule:
+                verbose: bool = True, embed_width: bool = False, ranking: str = "group_max") -> torch.fx.GraphModule:
     """Prune ``model`` to a target and return a physically slimmed ``torch.fx.GraphModule``.
 
     The model is traced (a deep copy: ``model`` is never modified), every channel dimension is
@@ -102,6 +103,9 @@ def prune_graph(model: nn.Module, example_inputs: Any, *, criterion: str = "l1",
             embedding, every LayerNorm, every block's output projections and the head. Off by
             default: a LayerNorm over fewer channels renormalises the kept ones, so removal is
             not the zeroing the scores assume (the verification reference renormalises too).
+        ranking: how unit scores are compared across coupling groups: ``"group_max"`` (the OBA
+            paper's rule: each group's scores divided by its maximum) or ``"per_flop"`` (score
+            divided by the FLOPs the unit's removal saves: a loss change per FLOP).
 
     Returns:
         The slimmed GraphModule; ``compiled.meta["oba"]`` is the report (FLOPs and parameters
@@ -116,7 +120,7 @@ def prune_graph(model: nn.Module, example_inputs: Any, *, criterion: str = "l1",
         (8, True)
     """
     crit = get_criterion(criterion)
-    target = _target(channel_ratio, target_flops, target_params, max_layer_ratio, round_to, min_channels)
+    target = _target(channel_ratio, target_flops, target_params, max_layer_ratio, round_to, min_channels, ranking)
     if int(steps) != steps or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps}")
     if crit.needs_data and data is None:

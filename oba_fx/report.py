@@ -30,7 +30,8 @@ def build_report(gm: torch.fx.GraphModule, out: torch.fx.GraphModule, c: Couplin
             kept.setdefault(name, {})[dim] = k.tolist()
     return {
         "target": {"kind": target.kind, "value": target.value, "max_layer_ratio": target.max_layer_ratio,
-                   "round_to": target.round_to, "min_channels": target.min_channels},
+                   "round_to": target.round_to, "min_channels": target.min_channels,
+                   "ranking": target.ranking},
         "flops_before": count_flops(gm),
         "flops_after": count_flops(out),
         "params_before": sum(p.numel() for p in gm.parameters()),

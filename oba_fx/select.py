@@ -43,8 +43,23 @@ class Selection:
     params: int
 
 
-def unit_scores(c: Coupling, param_scores: Mapping[str, torch.Tensor]) -> np.ndarray:
-    """Per-unit importance from per-parameter scores (``nan`` for units that are not prunable)."""
+#: how unit scores are made comparable across groups before the global ranking
+RANKINGS = ("group_max", "per_flop")
+
+
+def unit_scores(c: Coupling, param_scores: Mapping[str, torch.Tensor], ranking: str = "group_max",
+                unit_cost: np.ndarray | None = None) -> np.ndarray:
+    """Per-unit importance from per-parameter scores (``nan`` for units that are not prunable).
+
+    Each member layer's entries are summed (signed) over the unit, the absolute value taken and
+    averaged over the member layers; then, with ``ranking="group_max"`` (the OBA paper's rule),
+    divided by the maximum of the unit's coupling group, or with ``"per_flop"`` divided by
+    ``unit_cost`` (the FLOPs the unit's removal saves, :func:`unit_flops`): loss change per FLOP,
+    so that cheap units of heterogeneous groups (DenseNet growth channels, heads vs MLP neurons)
+    are neither starved nor emptied.
+    """
+    if ranking not in RANKINGS:
+        raise ValueError(f"unknown ranking {ranking!r}; expected one of {RANKINGS}")
     total = np.zeros(c.n_units)
     members = np.zeros(c.n_units)
     for s in c.primary_spaces():
@@ -63,11 +78,39 @@ def unit_scores(c: Coupling, param_scores: Mapping[str, torch.Tensor]) -> np.nda
     out = np.full(c.n_units, np.nan)
     ok = c.prunable & (members > 0)
     out[ok] = total[ok] / members[ok]
+    if ranking == "per_flop":
+        if unit_cost is None:
+            raise ValueError("ranking='per_flop' needs unit_cost (the FLOPs each unit's removal saves)")
+        cost = np.asarray(unit_cost, dtype=np.float64)[ok]
+        out[ok] = out[ok] / np.maximum(cost, 1.0)
+        return out
     # normalise by the group maximum
     gmax = np.zeros(c.n_groups)
     np.maximum.at(gmax, c.group[ok], out[ok])
     denom = gmax[c.group[ok]]
     out[ok] = np.where(denom > 0, out[ok] / np.where(denom > 0, denom, 1), 0.0)
+    return out
+
+
+def unit_flops(gm: torch.fx.GraphModule, c: Coupling) -> np.ndarray:
+    """FLOPs saved by removing each prunable unit alone (0 for the others).
+
+    Units that occupy the same spaces with the same index counts save the same FLOPs, so one
+    count per distinct signature is enough (a handful per coupling group).
+    """
+    from .ops import count_flops, new_shape
+
+    full = count_flops(gm)
+    out = np.zeros(c.n_units)
+    per = unit_space_counts(c)
+    done: dict[tuple, float] = {}
+    for u in np.nonzero(c.prunable)[0]:
+        sig = tuple(sorted(per[u]))
+        if sig not in done:
+            removed = np.zeros(c.n_units, dtype=bool)
+            removed[u] = True
+            done[sig] = full - count_flops(gm, lambda n: new_shape(n, c, removed))
+        out[u] = done[sig]
     return out
 
 
@@ -156,6 +199,7 @@ class Target:
         max_layer_ratio: the most any one layer (any space) may lose, a fraction in (0, 1).
         round_to: kept units per coupling group rounded to a multiple of this.
         min_channels: every layer (every space) keeps at least this many indices.
+        ranking: ``"group_max"`` or ``"per_flop"`` (see :func:`unit_scores`).
     """
 
     kind: str
@@ -163,8 +207,11 @@ class Target:
     max_layer_ratio: float = 0.95
     round_to: int = 1
     min_channels: int = 1
+    ranking: str = "group_max"
 
     def __post_init__(self) -> None:
+        if self.ranking not in RANKINGS:
+            raise ValueError(f"ranking must be one of {RANKINGS}, got {self.ranking!r}")
         if self.kind not in ("flops", "params", "channels"):
             raise ValueError(f"target kind must be 'flops', 'params' or 'channels', got {self.kind!r}")
         v = self.value
@@ -205,7 +252,8 @@ def select(gm: torch.fx.GraphModule, c: Coupling, scores: Mapping[str, torch.Ten
     """
     from .ops import count_flops, new_shape
 
-    us = unit_scores(c, scores)
+    cost = unit_flops(gm, c) if target.ranking == "per_flop" else None
+    us = unit_scores(c, scores, target.ranking, cost)
     sizes = np.array([s.size for s in c.spaces], dtype=np.int64)
     order = order_with_caps(us, unit_space_counts(c), sizes, np.full(len(sizes), target.max_layer_ratio),
                             target.min_channels)

@@ -112,3 +112,54 @@ def test_bn_recalibration_uses_the_calibration_inputs():
 def test_result_keeps_the_models_train_mode():
     m = _mlp().train()
     assert oba_fx.prune_graph(m, torch.randn(2, 8), channel_ratio=0.2).training
+
+
+# ------------------------------------------------------------------------------------ rankings
+class _TwoBranches(torch.nn.Module):
+    """Two parallel branches whose units score alike; the 5x5 branch costs more per channel."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 8, 1)
+        self.b = torch.nn.Conv2d(3, 8, 5, padding=2)
+        self.head = torch.nn.Conv2d(16, 2, 1)
+
+    def forward(self, x):
+        return self.head(torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], 1))
+
+
+def _flat_scores(gm):
+    return {n: torch.ones_like(p) for n, p in gm.named_parameters()}
+
+
+def test_unit_flops_equal_the_flops_each_unit_saves_alone():
+    import numpy as np
+    from oba_fx.ops import count_flops, new_shape
+    from oba_fx.passes.pipeline import analyze_model
+    from oba_fx.select import unit_flops
+
+    gm = analyze_model(_TwoBranches(), (torch.randn(1, 3, 8, 8),))
+    c = gm.meta["oba.coupling"]
+    cost = unit_flops(gm, c)
+    full = count_flops(gm)
+    for u in np.nonzero(c.prunable)[0]:
+        removed = np.zeros(c.n_units, dtype=bool)
+        removed[u] = True
+        assert cost[u] == full - count_flops(gm, lambda n: new_shape(n, c, removed)) > 0
+    assert cost[~c.prunable].sum() == 0
+
+
+def test_per_flop_ranking_removes_the_costlier_units_first_when_scores_tie():
+    from oba_fx.passes.pipeline import analyze_model, prune
+    from oba_fx.select import Target
+
+    x = torch.randn(1, 3, 8, 8)
+    kept = {}
+    for ranking in ("group_max", "per_flop"):
+        gm = analyze_model(_TwoBranches(), (x,))
+        out = prune(gm, (x,), _flat_scores(gm), Target("channels", 0.25, ranking=ranking))
+        kept[ranking] = (out.get_submodule("a").out_channels, out.get_submodule("b").out_channels)
+    assert kept["per_flop"] == (8, 4)       # the 4 removed units all come from the 5x5 branch
+    assert sum(kept["group_max"]) == 12     # the same number goes either way
+    with pytest.raises(ValueError, match="ranking must be one of"):
+        Target("channels", 0.25, ranking="size")
