@@ -15,6 +15,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
+from .checks import check_finite_model, check_inputs_usable
 from .criteria import criterion_names, get_criterion
 from .passes.pipeline import PruneConfig, analyze_model, run
 from .select import Target
@@ -127,13 +128,16 @@ def prune_graph(model: nn.Module, example_inputs: Any, *, criterion: str = "l1",
         raise ValueError(
             f"criterion {criterion!r} needs calibration data: pass data=<iterable of (inputs, targets)>, "
             f"or use a data-free criterion ({', '.join(criterion_names(needs_data=False))})")
+    check_finite_model(model)
+    inputs = as_tuple(example_inputs)
+    check_inputs_usable(inputs, "example_inputs")
     config = PruneConfig(
         criterion=criterion, target=target, data=data, max_batches=max_batches, steps=int(steps), verify=verify,
         rtol=rtol, bn_recalibration=bn_recalibration, progress=verbose,
         score_options={"seed": seed, "hessian": hessian, "loss_fn": loss_fn},
         analysis={"leaf_modules": leaf_modules, "concrete_args": concrete_args,
                   "frozen_modules": _module_names(model, ignore), "norm_width": embed_width})
-    out = run(model, as_tuple(example_inputs), config)
+    out = run(model, inputs, config)
     out.train(model.training)
     return out
 

@@ -45,3 +45,8 @@ class SurgeryError(OBAError):
 
 class VerificationError(OBAError):
     """The slimmed network does not compute what the masked original computes."""
+
+
+class BadInputError(OBAError, ValueError):
+    """An input the library cannot work with (non-finite weights or data, an empty batch...);
+    the message names it, says what was expected and a way out. Also a ``ValueError``."""

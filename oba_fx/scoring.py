@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 
 from .batches import take, to_device
+from .checks import check_finite_scores, check_inputs_usable
 from .criteria import criterion_names, get_criterion
 from .criteria.context import ScoreContext
 from .hvp import HESSIAN_MODES, LossFn, check_hessian
@@ -120,8 +121,11 @@ oba, taylor, obd_fisher, obd_hutchinson (or register your own with oba_fx.criter
     n_batches = 0
     log.info("scoring %d parameter tensors with %r (hessian=%s, mode=%s)", len(ctx.names), criterion, hessian, mode)
     with _scoring_mode(model, mode):
-        for batch in _progress(data, max_batches, progress, criterion):
-            per = fn(ctx, to_device(batch[0], device), to_device(batch[1], device))
+        for i, batch in enumerate(_progress(data, max_batches, progress, criterion)):
+            x, y = to_device(batch[0], device), to_device(batch[1], device)
+            check_inputs_usable(x, f"calibration batch {i}")
+            per = fn(ctx, x, y)
+            check_finite_scores(per, f"criterion {criterion!r} on calibration batch {i}")
             for n, s in per.items():
                 totals[n] = totals[n] + s if n in totals else s.clone()
             n_batches += 1

@@ -27,11 +27,42 @@ def _flat(x: Any) -> list[torch.Tensor]:
     return []
 
 
+def _check_same_non_finite(i: int, a: torch.Tensor, b: torch.Tensor) -> None:
+    """NaN / Inf must sit at the same places with the same values in both outputs."""
+    if not (a.is_floating_point() or a.is_complex()):
+        return
+    fa, fb = torch.isfinite(a), torch.isfinite(b)
+    same = torch.equal(fa, fb) and torch.equal(torch.isnan(a), torch.isnan(b))
+    if same:
+        both_inf = ~fa & ~torch.isnan(a)
+        same = torch.equal(a[both_inf], b[both_inf])
+    if not same:
+        raise VerificationError(
+            f"output {i}: the slimmed network has {int((~fa).sum())} NaN/Inf values where the masked original has "
+            f"{int((~fb).sum())} (at other places or of other values); check the model's weights and inputs for "
+            "NaN/Inf, or report the model if they are finite")
+
+
 def compare(model: torch.nn.Module, reference: torch.nn.Module, inputs: Sequence[Any], rtol: float = 1e-4) -> float:
     """Largest output difference relative to the reference's largest magnitude (eval mode).
 
+    NaN and Inf must appear at the same places with the same values in both outputs; the
+    difference is measured over the finite values.
+
     Raises:
-        VerificationError: if it exceeds ``rtol`` or the output structures differ.
+        VerificationError: if it exceeds ``rtol``, the output structures differ, or the outputs'
+            NaN/Inf differ.
+
+    Example:
+        >>> bad = torch.nn.Linear(2, 2)
+        >>> with torch.no_grad():
+        ...     _ = bad.weight.fill_(float("nan"))
+        >>> compare(torch.nn.Linear(2, 2), bad, (torch.randn(3, 2),))
+        Traceback (most recent call last):
+        ...
+        oba_fx.errors.VerificationError: output 0: the slimmed network has 0 NaN/Inf values where the masked \
+original has 6 (at other places or of other values); check the model's weights and inputs for NaN/Inf, or \
+report the model if they are finite
     """
     with eval_mode(model), eval_mode(reference):
         got, want = _flat(model(*inputs)), _flat(reference(*inputs))
@@ -40,10 +71,15 @@ def compare(model: torch.nn.Module, reference: torch.nn.Module, inputs: Sequence
             f"output shapes differ: slimmed {[tuple(a.shape) for a in got]} vs masked original "
             f"{[tuple(b.shape) for b in want]}")
     worst = 0.0
-    for a, b in zip(got, want):
+    for i, (a, b) in enumerate(zip(got, want)):
+        _check_same_non_finite(i, a, b)
+        fin = torch.isfinite(b) if b.is_floating_point() else torch.ones_like(b, dtype=torch.bool)
+        a, b = a[fin], b[fin]
         scale = float(b.abs().max()) if b.numel() else 0.0
         err = float((a.double() - b.double()).abs().max()) if b.numel() else 0.0
         rel = err / scale if scale > 0 else err
+        if rel != rel:  # NaN can only come from a bug here; never let it pass as "no error"
+            raise VerificationError(f"output {i}: the comparison itself produced NaN")
         worst = max(worst, rel)
     if worst > rtol:
         raise VerificationError(
