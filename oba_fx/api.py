@@ -81,7 +81,8 @@ def prune_graph(model: nn.Module, example_inputs: Any, *, criterion: str = "l1",
         target_flops: fraction of FLOPs to keep, in (0, 1].
         target_params: fraction of parameters to keep, in (0, 1].
         ignore: modules (names, instances or classes) whose parameters must not change.
-        round_to: keep a multiple of this many channels per coupled group.
+        round_to: every layer that loses channels keeps a multiple of this many (see
+            :func:`oba_fx.select.apply_round_to` for when the coupling cannot allow it).
         data: calibration batches ``(inputs, targets)`` for data-driven criteria.
         loss_fn: ``loss_fn(outputs, targets)``; mean cross-entropy by default.
         hessian: ``"functional"`` or ``"full"`` (for ``criterion="oba"``).

@@ -144,20 +144,37 @@ def order_with_caps(scores: np.ndarray, unit_spaces: list[list[tuple[int, int]]]
 
 
 def apply_round_to(removed: np.ndarray, order: np.ndarray, c: Coupling, round_to: int) -> np.ndarray:
-    """Give back the last-removed units of each group until its kept prunable count is a
-    multiple of ``round_to``."""
+    """Give back removed units, last-removed first, until every layer that loses channels keeps a
+    multiple of ``round_to`` of them.
+
+    "Every layer" is every primary space (a layer's own channel dimension). Giving a unit back
+    can change another layer's count, so the rounds repeat until all are multiples; a layer
+    whose full size is no multiple of ``round_to`` can end whole (nothing removed), and a unit
+    that spans several indices of a space (a group of a grouped convolution) moves its count by
+    that many, so a multiple is not always reachable: then the layer keeps the next count above.
+    """
     if round_to <= 1:
         return removed
     removed = removed.copy()
-    for g in np.unique(c.group[c.prunable]):
-        members = c.prunable & (c.group == g)
-        n_kept = int((members & ~removed).sum())
-        excess = (-n_kept) % round_to
-        if excess == 0:
-            continue
-        in_g = [u for u in order[::-1] if removed[u] and c.group[u] == g]
-        for u in in_g[:excess]:
-            removed[u] = False
+    rank = np.full(c.n_units, -1, dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    spaces = [s for s in c.primary_spaces() if c.prunable[c.units_of(s)].any()]
+    changed = True
+    while changed:
+        changed = False
+        for s in spaces:
+            u = c.units_of(s)
+            gone = removed[u]
+            kept = int((~gone).sum())
+            if kept == s.size or kept % round_to == 0:
+                continue
+            units, counts = np.unique(u[gone], return_counts=True)
+            for i in np.argsort(-rank[units], kind="stable"):
+                removed[units[i]] = False
+                kept += int(counts[i])
+                changed = True
+                if kept == s.size or kept % round_to == 0:
+                    break
     return removed
 
 

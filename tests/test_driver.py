@@ -163,3 +163,27 @@ def test_per_flop_ranking_removes_the_costlier_units_first_when_scores_tie():
     assert sum(kept["group_max"]) == 12     # the same number goes either way
     with pytest.raises(ValueError, match="ranking must be one of"):
         Target("channels", 0.25, ranking="size")
+
+
+class _CatNet(torch.nn.Module):
+    """Two 8-channel branches concatenated: one coupling group, two layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.b = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.head = torch.nn.Conv2d(16, 2, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(torch.cat([self.a(x), self.b(x)], 1)))
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.45, 0.6])
+def test_round_to_gives_every_layer_a_multiple_not_only_every_group(ratio):
+    torch.manual_seed(0)
+    net = _CatNet()
+    with torch.no_grad():
+        net.b.weight.mul_(0.3)  # branch b scores lower: L1 takes more from it than from a
+    out = oba_fx.prune_graph(net, torch.randn(1, 3, 8, 8), channel_ratio=ratio, round_to=4, verbose=False)
+    a, b = out.get_submodule("a").out_channels, out.get_submodule("b").out_channels
+    assert a % 4 == 0 and b % 4 == 0 and a + b < 16
