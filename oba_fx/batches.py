@@ -39,6 +39,24 @@ def to_device(x: Any, device: torch.device | str) -> Any:
     return x
 
 
+def length(data: Iterable, max_batches: int | None = None) -> int | None:
+    """How many batches :func:`take` will yield, when ``data`` has a length (else ``max_batches``)."""
+    try:
+        n = len(data)  # type: ignore[arg-type]
+    except TypeError:
+        return max_batches
+    return n if max_batches is None else min(n, max_batches)
+
+
+def bar(it: Iterable, progress: bool, desc: str, total: int | None = None, unit: str = "batch") -> Iterable:
+    """``it`` wrapped in a tqdm progress bar when ``progress`` (tqdm shows it only on a terminal)."""
+    if not progress:
+        return it
+    from tqdm.auto import tqdm
+
+    return tqdm(it, desc=desc, total=total, unit=unit, disable=None, leave=False)
+
+
 def inputs_of(batch: Any) -> Any:
     """The inputs of a batch: ``batch[0]`` of an ``(inputs, targets)`` pair, else the batch itself."""
     return batch[0] if isinstance(batch, (tuple, list)) else batch

@@ -15,11 +15,12 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-from .batches import inputs_of, module_device, take, to_device
+from .batches import bar, inputs_of, module_device, take, to_device
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, batches: Iterable, max_batches: int | None = None) -> nn.Module:
+def recalibrate_bn(model: nn.Module, batches: Iterable, max_batches: int | None = None,
+                   progress: bool = False) -> nn.Module:
     """Reset every BatchNorm's running statistics and re-estimate them as the exact average
     over ``batches`` (``(inputs, targets)`` pairs or bare inputs). Modes are restored."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
@@ -33,7 +34,7 @@ def recalibrate_bn(model: nn.Module, batches: Iterable, max_batches: int | None 
     model.train()
     try:
         device = module_device(model)
-        for batch in take(batches, max_batches):
+        for batch in bar(take(batches, max_batches), progress, "BN recalibration"):
             model(to_device(inputs_of(batch), device))
     finally:
         for bn, mom in saved:

@@ -13,12 +13,13 @@ import logging
 import torch
 import torch.nn as nn
 
-from .batches import module_device, take, to_device
+from .batches import bar, length, module_device, take, to_device
 
 logger = logging.getLogger(__name__)
 
 
-def evaluate(model: nn.Module, loader, max_batches: int | None = None) -> float:
+def evaluate(model: nn.Module, loader, max_batches: int | None = None, progress: bool = False,
+             desc: str = "evaluate") -> float:
     """Top-1 accuracy of ``model`` on ``loader``, as a fraction in [0, 1].
 
     Runs in eval mode under ``torch.no_grad()`` and restores the model's previous train/eval mode.
@@ -28,6 +29,8 @@ def evaluate(model: nn.Module, loader, max_batches: int | None = None) -> float:
         model: A classifier returning logits (N, C).
         loader: Iterable of ``(x, y)`` batches.
         max_batches: Stop after this many batches.
+        progress: Show a tqdm bar over the batches (only on a terminal).
+        desc: The bar's label.
 
     Returns:
         Correct predictions / images seen (0.0 if the loader is empty).
@@ -48,7 +51,7 @@ def evaluate(model: nn.Module, loader, max_batches: int | None = None) -> float:
     correct = total = 0
     try:
         with torch.no_grad():
-            for x, y in take(loader, max_batches):
+            for x, y in bar(take(loader, max_batches), progress, desc, total=length(loader, max_batches)):
                 x, y = to_device(x, device), y.to(device)
                 pred = model(x).argmax(dim=1)
                 correct += int((pred == y).sum())
@@ -58,3 +61,4 @@ def evaluate(model: nn.Module, loader, max_batches: int | None = None) -> float:
     acc = correct / total if total else 0.0
     logger.info("top-1 %.4f on %d images", acc, total)
     return acc
+

@@ -27,12 +27,12 @@ Example:
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
 
-from .batches import take, to_device
+from .batches import bar, length, take, to_device
 from .checks import check_finite_scores, check_inputs_usable
 from .criteria import criterion_names, get_criterion
 from .criteria.context import ScoreContext
@@ -121,7 +121,7 @@ oba, taylor, obd_fisher, obd_hutchinson (or register your own with oba_fx.criter
     n_batches = 0
     log.info("scoring %d parameter tensors with %r (hessian=%s, mode=%s)", len(ctx.names), criterion, hessian, mode)
     with _scoring_mode(model, mode):
-        for i, batch in enumerate(_progress(data, max_batches, progress, criterion)):
+        for i, batch in enumerate(bar(take(data, max_batches), progress, f"score[{criterion}]", length(data, max_batches))):
             x, y = to_device(batch[0], device), to_device(batch[1], device)
             check_inputs_usable(x, f"calibration batch {i}")
             per = fn(ctx, x, y)
@@ -159,22 +159,6 @@ class _scoring_mode:
     def __exit__(self, *exc: Any) -> None:
         for m, flag in self.flags:
             m.training = flag
-
-
-def _progress(data: Iterable, max_batches: int | None, progress: bool, criterion: str) -> Iterator:
-    total = None
-    try:
-        total = len(data)  # type: ignore[arg-type]
-    except TypeError:
-        pass
-    if max_batches is not None:
-        total = max_batches if total is None else min(total, max_batches)
-    it = take(data, max_batches)
-    if not progress:
-        return it
-    from tqdm.auto import tqdm
-
-    return iter(tqdm(it, total=total, desc=f"score[{criterion}]", unit="batch", disable=None, leave=False))
 
 
 __all__ = ["score", "MODES", "HESSIAN_MODES"]
