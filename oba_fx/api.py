@@ -63,7 +63,7 @@ def prune_graph(model: nn.Module, example_inputs: Any, *, criterion: str = "l1",
                 max_batches: int | None = None, max_layer_ratio: float = 0.95, min_channels: int = 1,
                 steps: int = 1, bn_recalibration: bool = True, leaf_modules: Iterable[type | str] = (),
                 concrete_args: dict | None = None, verify: bool = True, rtol: float = 1e-4, seed: int = 0,
-                verbose: bool = True, embed_width: bool = False, ranking: str = "group_max") -> torch.fx.GraphModule:
+                verbose: bool = True, embed_width: bool = False, ranking: str | None = None) -> torch.fx.GraphModule:
     """Prune ``model`` to a target and return a physically slimmed ``torch.fx.GraphModule``.
 
     The model is traced (a deep copy: ``model`` is never modified), every channel dimension is
@@ -106,8 +106,10 @@ def prune_graph(model: nn.Module, example_inputs: Any, *, criterion: str = "l1",
             default: a LayerNorm over fewer channels renormalises the kept ones, so removal is
             not the zeroing the scores assume (the verification reference renormalises too).
         ranking: how unit scores are compared across coupling groups: ``"group_max"`` (the OBA
-            paper's rule: each group's scores divided by its maximum) or ``"per_flop"`` (score
-            divided by the FLOPs the unit's removal saves: a loss change per FLOP).
+            paper's rule: each group's scores divided by its maximum), ``"per_flop"`` (score
+            divided by the FLOPs the unit's removal saves: a loss change per FLOP) or
+            ``"global"`` (as they are); ``None``: the criterion's own (``"global"`` for
+            ``"obs"``), else ``"group_max"``.
 
     Returns:
         The slimmed GraphModule; ``compiled.meta["oba"]`` is the report (FLOPs and parameters
@@ -122,6 +124,7 @@ def prune_graph(model: nn.Module, example_inputs: Any, *, criterion: str = "l1",
         (8, True)
     """
     crit = get_criterion(criterion)
+    ranking = ranking or crit.ranking or "group_max"
     target = _target(channel_ratio, target_flops, target_params, max_layer_ratio, round_to, min_channels, ranking)
     if int(steps) != steps or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps}")

@@ -27,7 +27,7 @@ Example:
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.nn as nn
@@ -89,7 +89,8 @@ def score(model: nn.Module, data: Iterable | None, *, example_inputs: Any = None
 
     Returns:
         ``{name: score}`` for every ``model.named_parameters()`` name, in the parameter's shape,
-        dtype and device.
+        dtype and device; or, for a criterion returning space costs (``"obs"``), ``{(name, dim):
+        cost of each index}``.
 
     Raises:
         ValueError: unknown ``criterion`` (an :class:`oba_fx.criteria.UnknownCriterionError`),
@@ -101,7 +102,7 @@ def score(model: nn.Module, data: Iterable | None, *, example_inputs: Any = None
         Traceback (most recent call last):
         ...
         oba_fx.criteria.UnknownCriterionError: unknown criterion 'gradnorm'; expected one of l1, l2, random, \
-oba, taylor, obd_fisher, obd_hutchinson (or register your own with oba_fx.criteria.register_criterion)
+oba, taylor, obd_fisher, obd_hutchinson, obs (or register your own with oba_fx.criteria.register_criterion)
     """
     crit = get_criterion(criterion)
     check_hessian(hessian)
@@ -117,26 +118,47 @@ oba, taylor, obd_fisher, obd_hutchinson (or register your own with oba_fx.criter
             f"criterion {criterion!r} needs calibration data: pass data=<iterable of (inputs, targets)>, "
             f"or use a data-free criterion ({', '.join(criterion_names(needs_data=False))})")
     device = next(iter(ctx.params.values())).device if ctx.params else torch.device("cpu")
-    totals: dict[str, torch.Tensor] = {}
-    n_batches = 0
     log.info("scoring %d parameter tensors with %r (hessian=%s, mode=%s)", len(ctx.names), criterion, hessian, mode)
-    with _scoring_mode(model, mode):
-        for i, batch in enumerate(bar(take(data, max_batches), progress, f"score[{criterion}]", length(data, max_batches))):
+    seen = [0]
+
+    def batches() -> Iterator[tuple[Any, Any]]:
+        for i, batch in enumerate(bar(take(data, max_batches), progress, f"score[{criterion}]",
+                                      length(data, max_batches))):
             x, y = to_device(batch[0], device), to_device(batch[1], device)
             check_inputs_usable(x, f"calibration batch {i}")
-            per = fn(ctx, x, y)
-            check_finite_scores(per, f"criterion {criterion!r} on calibration batch {i}")
-            for n, s in per.items():
-                totals[n] = totals[n] + s if n in totals else s.clone()
-            n_batches += 1
-    if n_batches == 0:
+            seen[0] += 1
+            yield x, y
+
+    with _scoring_mode(model, mode):
+        if crit.per_batch:
+            out = _batch_mean(ctx, fn, batches(), criterion)
+        else:
+            out = fn(ctx, batches())
+            check_finite_scores(out, f"criterion {criterion!r}")
+    if seen[0] == 0:
         raise ValueError("no batches: `data` yielded nothing (or max_batches=0)")
-    log.info("scored %d batches", n_batches)
-    return _like_params(model, {n: t / n_batches for n, t in totals.items()})
+    log.info("scored %d batches", seen[0])
+    return _like_params(model, out)
 
 
-def _like_params(model: nn.Module, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Every parameter of ``model`` gets a score of its shape (zeros where the criterion gave none)."""
+def _batch_mean(ctx: ScoreContext, fn: Any, batches: Iterable, criterion: str) -> dict[str, torch.Tensor]:
+    """The mean over batches of ``fn(ctx, x, y)``."""
+    totals: dict[str, torch.Tensor] = {}
+    n = 0
+    for i, (x, y) in enumerate(batches):
+        per = fn(ctx, x, y)
+        check_finite_scores(per, f"criterion {criterion!r} on calibration batch {i}")
+        for k, v in per.items():
+            totals[k] = totals[k] + v if k in totals else v.clone()
+        n += 1
+    return {k: t / max(n, 1) for k, t in totals.items()}
+
+
+def _like_params(model: nn.Module, scores: dict[Any, torch.Tensor]) -> dict[Any, torch.Tensor]:
+    """Every parameter of ``model`` gets a score of its shape (zeros where the criterion gave none);
+    space costs (``(name, dim)`` keys) are returned as they are."""
+    if any(isinstance(k, tuple) for k in scores):
+        return dict(scores)
     out = {}
     for n, p in model.named_parameters():
         s = scores.get(n)

@@ -44,7 +44,7 @@ class Selection:
 
 
 #: how unit scores are made comparable across groups before the global ranking
-RANKINGS = ("group_max", "per_flop")
+RANKINGS = ("group_max", "per_flop", "global")
 
 
 def unit_scores(c: Coupling, param_scores: Mapping[str, torch.Tensor], ranking: str = "group_max",
@@ -52,14 +52,56 @@ def unit_scores(c: Coupling, param_scores: Mapping[str, torch.Tensor], ranking: 
     """Per-unit importance from per-parameter scores (``nan`` for units that are not prunable).
 
     Each member layer's entries are summed (signed) over the unit, the absolute value taken and
-    averaged over the member layers; then, with ``ranking="group_max"`` (the OBA paper's rule),
-    divided by the maximum of the unit's coupling group, or with ``"per_flop"`` divided by
-    ``unit_cost`` (the FLOPs the unit's removal saves, :func:`unit_flops`): loss change per FLOP,
-    so that cheap units of heterogeneous groups (DenseNet growth channels, heads vs MLP neurons)
-    are neither starved nor emptied.
+    averaged over the member layers. Space costs (``{(name, dim): cost per index}``, from
+    criteria such as ``"obs"``) are instead summed over every index of the unit in every space
+    they cover; a prunable unit they do not cover is not ranked (``nan``: kept). Then, with
+    ``ranking="group_max"`` (the OBA paper's rule), each score is divided by the maximum of the
+    unit's coupling group; with ``"per_flop"`` by ``unit_cost`` (the FLOPs the unit's removal
+    saves, :func:`unit_flops`): loss change per FLOP, so that cheap units of heterogeneous groups
+    (DenseNet growth channels, heads vs MLP neurons) are neither starved nor emptied; with
+    ``"global"`` not at all (scores that already estimate the loss change, comparable across
+    groups).
     """
     if ranking not in RANKINGS:
         raise ValueError(f"unknown ranking {ranking!r}; expected one of {RANKINGS}")
+    if any(isinstance(k, tuple) for k in param_scores):
+        out = _space_cost_scores(c, param_scores)
+        ok = ~np.isnan(out)
+    else:
+        out = _primary_scores(c, param_scores)
+        ok = ~np.isnan(out)
+    if ranking == "per_flop":
+        if unit_cost is None:
+            raise ValueError("ranking='per_flop' needs unit_cost (the FLOPs each unit's removal saves)")
+        cost = np.asarray(unit_cost, dtype=np.float64)[ok]
+        out[ok] = out[ok] / np.maximum(cost, 1.0)
+    elif ranking == "group_max":
+        gmax = np.zeros(c.n_groups)
+        np.maximum.at(gmax, c.group[ok], out[ok])
+        denom = gmax[c.group[ok]]
+        out[ok] = np.where(denom > 0, out[ok] / np.where(denom > 0, denom, 1), 0.0)
+    return out
+
+
+def _space_cost_scores(c: Coupling, costs: Mapping) -> np.ndarray:
+    """Per-unit sums of additive space costs ``{(name, dim): cost per index}`` (``nan`` where none)."""
+    total = np.zeros(c.n_units)
+    covered = np.zeros(c.n_units, dtype=bool)
+    for key, t in costs.items():
+        s = c.param_spaces.get(tuple(key))
+        if s is None:
+            continue
+        u = c.units_of(s)
+        np.add.at(total, u, t.detach().double().cpu().numpy().reshape(-1))
+        covered[u] = True
+    out = np.full(c.n_units, np.nan)
+    ok = c.prunable & covered
+    out[ok] = total[ok]
+    return out
+
+
+def _primary_scores(c: Coupling, param_scores: Mapping[str, torch.Tensor]) -> np.ndarray:
+    """Per-unit mean over member layers of ``|signed sum of the unit's entries|`` (``nan`` where none)."""
     total = np.zeros(c.n_units)
     members = np.zeros(c.n_units)
     for s in c.primary_spaces():
@@ -78,17 +120,6 @@ def unit_scores(c: Coupling, param_scores: Mapping[str, torch.Tensor], ranking: 
     out = np.full(c.n_units, np.nan)
     ok = c.prunable & (members > 0)
     out[ok] = total[ok] / members[ok]
-    if ranking == "per_flop":
-        if unit_cost is None:
-            raise ValueError("ranking='per_flop' needs unit_cost (the FLOPs each unit's removal saves)")
-        cost = np.asarray(unit_cost, dtype=np.float64)[ok]
-        out[ok] = out[ok] / np.maximum(cost, 1.0)
-        return out
-    # normalise by the group maximum
-    gmax = np.zeros(c.n_groups)
-    np.maximum.at(gmax, c.group[ok], out[ok])
-    denom = gmax[c.group[ok]]
-    out[ok] = np.where(denom > 0, out[ok] / np.where(denom > 0, denom, 1), 0.0)
     return out
 
 

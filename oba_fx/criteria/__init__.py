@@ -13,11 +13,18 @@ first use.
 
 A criterion's function is called as
 
-* ``fn(ctx)`` when it needs no data, or
-* ``fn(ctx, x, y)`` for each calibration batch when it does,
+* ``fn(ctx)`` when it needs no data,
+* ``fn(ctx, x, y)`` for each calibration batch when it does (the scores are averaged), or
+* ``fn(ctx, batches)`` once, with an iterator over every ``(x, y)`` batch, when it is declared
+  ``per_batch=False`` (statistics that are not an average of per-batch scores: Gram matrices,
+  power iterations),
 
 with ``ctx`` a :class:`oba_fx.criteria.context.ScoreContext` (the model, its scored parameter
 names and values, the loss, and helpers for the gradient, ``H θ`` and diagonal estimates).
+It returns per-parameter scores ``{name: tensor of the parameter's shape}`` (summed over each
+unit's entries of a layer's own channel dimension, see :func:`oba_fx.select.unit_scores`) or
+*space costs* ``{(name, dim): 1-D tensor over that dim}``: additive costs of removing each
+index of that parameter dimension, summed over every index of a unit in every space.
 
 Example: a criterion of your own, from your code (no edit of the package):
 
@@ -62,6 +69,9 @@ class Criterion:
             alone (``fn(ctx)``).
         needs_hvp: whether it multiplies by the Hessian (``ctx.hvp``): the costly criteria.
         description: one line for ``--help`` and the README.
+        per_batch: ``fn(ctx, x, y)`` per batch, averaged (default), or ``fn(ctx, batches)`` once.
+        ranking: the ranking it is meant for (:data:`oba_fx.select.RANKINGS`) when the user
+            names none; ``None``: the default ``"group_max"``.
     """
 
     name: str
@@ -69,6 +79,8 @@ class Criterion:
     needs_data: bool
     needs_hvp: bool = False
     description: str = ""
+    per_batch: bool = True
+    ranking: str | None = None
 
     def resolve(self) -> Callable[..., Any]:
         """The scoring function (importing it when it was given by name)."""
@@ -83,7 +95,8 @@ REGISTRY: dict[str, Criterion] = {}
 
 
 def register_criterion(name: str, fn: Callable[..., Any] | str | None = None, *, needs_data: bool,
-                       needs_hvp: bool = False, description: str = "", replace: bool = False) -> Any:
+                       needs_hvp: bool = False, description: str = "", per_batch: bool = True,
+                       ranking: str | None = None, replace: bool = False) -> Any:
     """Add a criterion to the registry; usable as a decorator when ``fn`` is omitted.
 
     Args:
@@ -93,6 +106,8 @@ def register_criterion(name: str, fn: Callable[..., Any] | str | None = None, *,
         needs_data: see :class:`Criterion`.
         needs_hvp: see :class:`Criterion`.
         description: one line shown by ``oba-fx prune --help``.
+        per_batch: see :class:`Criterion` (only for criteria that need data).
+        ranking: see :class:`Criterion`.
         replace: allow replacing a criterion of the same name.
 
     Returns:
@@ -107,7 +122,7 @@ def register_criterion(name: str, fn: Callable[..., Any] | str | None = None, *,
         raise ValueError(f"criterion {name!r} is already registered; pick another name or pass replace=True")
 
     def add(f: Callable[..., Any] | str) -> Criterion:
-        c = Criterion(name, f, bool(needs_data), bool(needs_hvp), description)
+        c = Criterion(name, f, bool(needs_data), bool(needs_hvp), description, bool(per_batch), ranking)
         REGISTRY[name] = c
         return c
 
@@ -150,7 +165,7 @@ def get_criterion(name: str) -> Criterion:
         Traceback (most recent call last):
         ...
         oba_fx.criteria.UnknownCriterionError: unknown criterion 'gradnorm'; expected one of l1, l2, random, \
-oba, taylor, obd_fisher, obd_hutchinson (or register your own with oba_fx.criteria.register_criterion)
+oba, taylor, obd_fisher, obd_hutchinson, obs (or register your own with oba_fx.criteria.register_criterion)
     """
     c = REGISTRY.get(name)
     if c is None:
@@ -173,3 +188,6 @@ register_criterion("obd_fisher", f"{_SO}:obd_fisher", needs_data=True,
                    description="θ² ⊙ diag(empirical Fisher) (OBD)")
 register_criterion("obd_hutchinson", f"{_SO}:obd_hutchinson", needs_data=True, needs_hvp=True,
                    description="θ² ⊙ Hutchinson estimate of diag(H) (OBD)")
+register_criterion("obs", "oba_fx.criteria.obs:obs", needs_data=True, per_batch=False, ranking="global",
+                   description="loss change of removing a unit after the least-squares re-fit of its consumers "
+                               "(OBS with a Fisher-weighted output error)")

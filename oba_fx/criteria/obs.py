@@ -1,0 +1,203 @@
+"""``"obs"``: the loss change of removing a unit once its consumers are re-fit.
+
+Optimal Brain Surgeon's view, made global. A layer ``Y = W X`` reads unit ``u`` through its
+input columns ``S`` (a channel's ``k×k`` patch columns for a convolution, the ``H·W`` features of a
+channel after a flatten, one feature of a linear map). If ``u`` goes and the rest of ``W`` is
+re-fit by least squares (what :mod:`oba_fx.compensate` does), the output error per row left
+over for output ``o`` is ``w_{o,S}ᵀ ((Σ⁻¹)_{SS})⁻¹ w_{o,S}``, with ``Σ`` the second moment of the
+layer's input rows. To second order in the loss, with the Fisher approximation of the loss
+Hessian at the layer's output, each row's error costs ``½ G_o`` per unit of squared error,
+``G_o`` the mean squared per-sample loss gradient at output ``o``. So removing ``u`` costs
+
+    ΔL(u) ≈ Σ_consumers ½ · P · Σ_o G_o · w_{o,S}ᵀ ((Σ⁻¹)_{SS})⁻¹ w_{o,S}
+
+per sample (``P`` the layer's output positions per sample). A group of a grouped convolution
+takes its outputs with it (nothing of the group is left to re-fit): its cost is the
+Fisher-weighted energy of those outputs, ``½ P Σ_{o∈group} G_o w_oᵀ Σ w_o``.
+
+The statistics come from one forward and one backward per calibration batch on the dense
+network (``Σ`` from ``positions`` sampled output positions per image, ``G`` from all of them).
+The costs are additive space costs ``{(weight name, dim): cost per index}`` (see
+:func:`oba_fx.select.unit_scores`); they are loss changes, comparable across layers, so the
+criterion ranks globally (``ranking="global"``). Only ``nn.Conv2d`` (zero padding) and
+``nn.Linear`` consumers are modelled; a unit read by no such layer is not ranked (kept).
+
+Example:
+    >>> import torch, oba_fx
+    >>> _ = torch.manual_seed(0)
+    >>> m = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    >>> data = [(torch.randn(32, 6), torch.randint(0, 3, (32,)))]
+    >>> out = oba_fx.prune_graph(m, torch.randn(1, 6), criterion="obs", data=data, channel_ratio=0.5,
+    ...                          verbose=False)
+    >>> out.get_submodule("0").out_features, out.meta["oba"]["target"]["ranking"]
+    (8, 'global')
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import meta as M
+from ..errors import BadInputError
+from .context import ScoreContext
+
+log = logging.getLogger(__name__)
+
+#: sampled output positions per image for the input second moment of a convolution
+POSITIONS = 64
+#: ridge added to the second moment, relative to its mean diagonal
+RIDGE = 1e-3
+
+
+@dataclass
+class _Layer:
+    """Running statistics of one consumer layer."""
+
+    name: str
+    module: nn.Module
+    xtx: torch.Tensor | None = None
+    rows: int = 0
+    g2: torch.Tensor | None = None
+    grows: int = 0
+    positions: int = 0
+    outputs: list = field(default_factory=list)
+
+
+def obs(ctx: ScoreContext, batches: Iterable[tuple[Any, Any]]) -> dict[tuple[str, int], torch.Tensor]:
+    """Space costs of every unit read by a ``Conv2d`` / ``Linear`` layer of ``ctx.model``."""
+    gm = ctx.model
+    c = getattr(gm, "meta", {}).get(M.COUPLING) if isinstance(getattr(gm, "meta", None), dict) else None
+    if c is None:
+        raise BadInputError("criterion 'obs' reads the channel coupling of the graph: use it through "
+                            "oba_fx.prune_graph (or run oba_fx.passes.CouplingPass on the GraphModule first)")
+    layers = _consumers(gm)
+    gen = torch.Generator().manual_seed(ctx.seed)
+    handles = [L.module.register_forward_hook(_recorder(L, gen)) for L in layers.values()]
+    try:
+        for x, y in batches:
+            _accumulate(gm, layers, x, y, ctx)
+    finally:
+        for h in handles:
+            h.remove()
+    out: dict[tuple[str, int], torch.Tensor] = {}
+    for L in layers.values():
+        if L.rows:
+            out.update(_layer_costs(L, c))
+    log.info("obs: costs for %d consumer layers", len(out))
+    return out
+
+
+def _consumers(gm: torch.fx.GraphModule) -> dict[str, _Layer]:
+    layers = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or node.target in layers:
+            continue
+        m = gm.get_submodule(node.target)
+        if type(m) is nn.Linear or (type(m) is nn.Conv2d and m.padding_mode == "zeros"
+                                     and not isinstance(m.padding, str)):
+            layers[node.target] = _Layer(node.target, m)
+    return layers
+
+
+def _recorder(L: _Layer, gen: torch.Generator):
+    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        rows = _input_rows(module, inputs[0].detach(), gen)
+        xtx = rows.T @ rows
+        L.xtx = xtx if L.xtx is None else L.xtx + xtx
+        L.rows += rows.shape[0]
+        n = output.shape[0]
+        L.positions = output.numel() // (n * _out_features(module))
+        L.outputs.append(output)
+    return hook
+
+
+def _out_features(m: nn.Module) -> int:
+    return m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+
+
+def _input_rows(m: nn.Module, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Rows of the least-squares problem (float64): input patches at sampled positions, or tokens."""
+    if isinstance(m, nn.Linear):
+        return x.reshape(-1, x.shape[-1]).double()
+    cols = F.unfold(x, m.kernel_size, m.dilation, m.padding, m.stride)  # (N, C·k², L)
+    n_pos = cols.shape[-1]
+    if n_pos > POSITIONS:
+        idx = torch.randperm(n_pos, generator=gen)[:POSITIONS].to(cols.device)
+        cols = cols[..., idx]
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1]).double()
+
+
+def _accumulate(gm: torch.fx.GraphModule, layers: dict[str, _Layer], x: Any, y: Any, ctx: ScoreContext) -> None:
+    """One forward (recording inputs and outputs) and the loss gradients at every recorded output."""
+    for L in layers.values():
+        L.outputs.clear()
+    with torch.enable_grad():
+        loss = ctx.loss_fn(gm(x), y)
+        outs = [(L, o) for L in layers.values() for o in L.outputs if o.requires_grad]
+        grads = torch.autograd.grad(loss, [o for _, o in outs], allow_unused=True) if outs else []
+    for (L, o), g in zip(outs, grads):
+        if g is None:
+            continue
+        n = g.shape[0]
+        g = (g.detach().double() * n)  # per-sample loss gradients (the loss is a batch mean)
+        ch = 1 if isinstance(L.module, nn.Conv2d) else g.dim() - 1
+        sq = g.square().sum(dim=[d for d in range(g.dim()) if d != ch])
+        L.g2 = sq if L.g2 is None else L.g2 + sq
+        L.grows += g.numel() // g.shape[ch]
+    for L in layers.values():
+        L.outputs.clear()
+
+
+def _layer_costs(L: _Layer, c) -> dict[tuple[str, int], torch.Tensor]:
+    m = L.module
+    sigma = L.xtx / L.rows
+    d = sigma.shape[0]
+    sigma = sigma + RIDGE * float(sigma.diagonal().mean().clamp_min(1e-12)) * torch.eye(d, dtype=sigma.dtype,
+                                                                                       device=sigma.device)
+    G = (L.g2 / max(L.grows, 1)) if L.g2 is not None else torch.zeros(_out_features(m), dtype=torch.float64)
+    W = m.weight.detach().double().reshape(m.weight.shape[0], -1)
+    k2 = int(np.prod(m.kernel_size)) if isinstance(m, nn.Conv2d) else 1
+    scale = 0.5 * L.positions
+    if isinstance(m, nn.Conv2d) and m.groups > 1:
+        return _grouped_costs(L, c, sigma, G, W, k2, scale)
+    space = c.param_spaces.get((f"{L.name}.weight", 1))
+    if space is None:
+        return {}
+    P = torch.linalg.inv(sigma)
+    units = c.units_of(space)
+    cost = torch.zeros(space.size, dtype=torch.float64)
+    for u in np.unique(units):
+        if not c.prunable[u]:
+            continue
+        chans = np.nonzero(units == u)[0]
+        S = torch.as_tensor((chans[:, None] * k2 + np.arange(k2)[None, :]).reshape(-1), device=W.device)
+        M = torch.linalg.inv(P[S][:, S])
+        WS = W[:, S]
+        total = scale * float((G.to(W.device)[:, None] * (WS @ M) * WS).sum())
+        cost[chans] = total / len(chans)
+    return {(f"{L.name}.weight", 1): cost}
+
+
+def _grouped_costs(L: _Layer, c, sigma, G, W, k2, scale) -> dict[tuple[str, int], torch.Tensor]:
+    """A grouped convolution loses a whole group with its outputs: their Fisher-weighted energy."""
+    m = L.module
+    space = c.param_spaces.get((f"{L.name}.weight", 0))
+    if space is None:
+        return {}
+    g, ipg, opg = m.groups, m.in_channels // m.groups, m.out_channels // m.groups
+    cost = torch.zeros(space.size, dtype=torch.float64)
+    for k in range(g):
+        cols = torch.arange(k * ipg * k2, (k + 1) * ipg * k2, device=W.device)
+        rows = slice(k * opg, (k + 1) * opg)
+        Wk = W[rows]
+        energy = ((Wk @ sigma[cols][:, cols]) * Wk).sum(dim=1)
+        cost[rows] = scale * float((G[rows].to(W.device) * energy).sum()) / opg
+    return {(f"{L.name}.weight", 0): cost}
