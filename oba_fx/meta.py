@@ -32,6 +32,8 @@ COUPLING = "oba.coupling"
 SCORES = "oba.scores"
 #: gm.meta: :class:`oba_fx.select.Selection` — which units are removed
 SELECTION = "oba.selection"
+#: gm.meta: :class:`oba_fx.compensate.Compensation` — which layers were re-fit, errors before/after
+COMPENSATION = "oba.compensation"
 #: gm.meta: the Hessian block structure (a networkx graph), see ``oba_fx.hessian_blocks``
 HESSIAN_STRUCTURE = "oba.hessian_structure"
 #: gm.meta: the fused HVP program, see ``passes/hvp_codegen.py``
@@ -50,6 +52,7 @@ PRODUCERS = {
     COUPLING: "oba_fx.passes.coupling.CouplingPass",
     SCORES: "oba_fx.passes.score.ScorePass",
     SELECTION: "oba_fx.passes.select.SelectPass",
+    COMPENSATION: "oba_fx.passes.compensate.CompensatePass",
     HESSIAN_STRUCTURE: "oba_fx.passes.hessian_structure.HessianStructurePass",
     HVP_PROGRAM: "oba_fx.passes.hvp_codegen.HVPCodegen",
     VERIFIED: "oba_fx.passes.verify.VerifyPass",

@@ -13,6 +13,7 @@ typed record. :mod:`oba_fx.passes.pipeline` is the one module that runs them in 
 
 from .base import OBAPass
 from .bn_recalibration import BNRecalibrationPass
+from .compensate import CompensatePass
 from .coupling import CouplingPass
 from .hessian_structure import HessianStructurePass
 from .score import ScorePass
@@ -21,5 +22,5 @@ from .shape_prop import ShapePropPass
 from .slim import SlimPass
 from .verify import VerifyPass
 
-__all__ = ["OBAPass", "ShapePropPass", "CouplingPass", "HessianStructurePass", "ScorePass", "SelectPass", "SlimPass",
-           "VerifyPass", "BNRecalibrationPass"]
+__all__ = ["OBAPass", "ShapePropPass", "CouplingPass", "HessianStructurePass", "ScorePass", "SelectPass", "CompensatePass",
+           "SlimPass", "VerifyPass", "BNRecalibrationPass"]
