@@ -382,7 +382,8 @@ def _fit(layer: _Layer, root: nn.Module, xs: list, ys: list, positions: int | No
 
 def compensate(gm: torch.fx.GraphModule, c: Coupling, removed: np.ndarray, data: Iterable, *,
                max_batches: int | None = None, positions: int | None = 96, ridge: float = 1e-3,
-               scope: str = "removed", seed: int = 0, progress: bool = True) -> Compensation:
+               scope: str = "removed", seed: int = 0, progress: bool = True,
+               reference: torch.fx.GraphModule | None = None) -> Compensation:
     """Re-fit, in place in ``gm``, the kept weights of every layer that reads removed units.
 
     Args:
@@ -396,6 +397,9 @@ def compensate(gm: torch.fx.GraphModule, c: Coupling, removed: np.ndarray, data:
         scope: ``"removed"``: layers reading removed units; ``"all"``: every conv / linear layer.
         seed: seed of the position sampling.
         progress: show a progress bar over the layers.
+        reference: the dense network whose layer outputs are the targets, a graph with the same
+            node names (default: ``gm`` as it is on entry). Lets a caller change ``gm`` first
+            (e.g. re-estimate its BatchNorm statistics) and still fit to the original network.
 
     Returns:
         The :class:`Compensation` record.
@@ -409,8 +413,9 @@ def compensate(gm: torch.fx.GraphModule, c: Coupling, removed: np.ndarray, data:
     gen = torch.Generator().manual_seed(seed)
     fits: list[LayerFit] = []
     bar = tqdm(total=len(layers), desc="compensation", unit="layer", disable=not progress, leave=False)
-    with eval_mode(gm), eval_mode(masked):
-        dense, pruned = _Walk(gm, inputs), _Walk(masked, inputs)
+    ref = gm if reference is None else reference
+    with eval_mode(ref), eval_mode(masked):
+        dense, pruned = _Walk(ref, inputs), _Walk(masked, inputs)
         for node in masked.graph.nodes:
             layer = todo.get(node.name) if node.op in ("call_module", "call_function") else None
             if layer is not None:

@@ -63,6 +63,23 @@ def test_linear_refit_equals_closed_form_ridge_solution():
     assert not torch.allclose(got.weight[:, keep].detach(), net[2].weight[:, keep])  # it did change
 
 
+def test_reference_supplies_the_targets():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    x = torch.randn(40, 6, dtype=torch.float64)
+    base = analyze_model(net, (x[:2],))
+    gm = analyze_model(net, (x[:2],))
+    with torch.no_grad():  # a changed copy: its own outputs are no longer the dense ones
+        gm.get_submodule("2").bias.add_(1.0)
+        gm.get_submodule("2").weight.mul_(3.0)
+    removed = _remove(gm, "0.weight", [0, 3])
+    keep = [1, 2, 4, 5, 6, 7]
+    compensate(gm, gm.meta[M.COUPLING], removed, [(x, None)], ridge=1e-3, progress=False, reference=base)
+    with torch.no_grad():
+        theta = _closed_form(net[1](net[0](x))[:, keep], net(x), 1e-3, bias=True)
+    assert torch.allclose(gm.get_submodule("2").bias.detach(), theta[-1], rtol=1e-9, atol=1e-12)
+
+
 def test_conv_refit_with_all_positions_equals_closed_form():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(2, 5, 3, padding=1), nn.ReLU(), nn.Conv2d(5, 3, 3, stride=2, padding=1)).double()
