@@ -228,11 +228,11 @@ def design_rows(layer: _Layer, x: torch.Tensor, y: torch.Tensor, positions: int 
         Y = y.reshape(-1, y.shape[-1])[:, torch.as_tensor(layer.kept_out, device=y.device)]
         return X, Y
     m = layer.module
-    if isinstance(m, nn.Conv1d):
+    k, d, s = tuple(m.kernel_size), tuple(m.dilation), tuple(m.stride)
+    p = (0,) * len(k) if isinstance(m.padding, str) else tuple(m.padding)  # a string here is "valid"
+    if isinstance(m, nn.Conv1d):  # as a 2-D conv over a height of 1
         x, y = x.unsqueeze(-2), y.unsqueeze(-2)
-        k, d, p, s = (1, *m.kernel_size), (1, *m.dilation), (0, *m.padding) if not isinstance(m.padding, str) else 0, (1, *m.stride)
-    else:
-        k, d, p, s = m.kernel_size, m.dilation, (0 if isinstance(m.padding, str) else m.padding), m.stride
+        k, d, p, s = (1, *k), (1, *d), (0, *p), (1, *s)
     cols = F.unfold(x, k, dilation=d, padding=p, stride=s)  # (N, C*kk, L)
     n, L = cols.shape[0], cols.shape[2]
     y = y.reshape(n, y.shape[1], L)

@@ -167,6 +167,11 @@ def _mlp():
     return nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 3))
 
 
+def _conv1d():
+    return nn.Sequential(nn.Conv1d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv1d(8, 6, 5, stride=2, dilation=2),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(6 * 4, 3))
+
+
 def _vit():
     return vit_cifar(dim=16, depth=1, heads=2, mlp_dim=16, num_classes=3)
 
@@ -176,6 +181,7 @@ CASES = {  # model, input shape, what must be re-fit, what to remove (None: l1 c
     "mlp": (_mlp, (5,), {"2.weight", "4.weight"}, None),
     "depthwise_grouped": (Depthwise, (3, 8, 8), {"pw2.weight"}, {"pw1.weight": [0]}),
     "flatten_linear": (_flatten_net, (3, 8, 8), {"4.weight", "6.weight"}, {"0.weight": [1], "4.weight": [2, 7]}),
+    "conv1d": (_conv1d, (3, 16), {"2.weight", "5.weight"}, {"0.weight": [1, 4], "2.weight": [0]}),
     "vit_head_and_mlp": (_vit, (3, 32, 32), {"blocks.0.attn.proj.weight", "blocks.0.mlp.fc2.weight"},
                          {"blocks.0.attn.qkv.weight": [0], "blocks.0.mlp.fc1.weight": [1, 5, 9]}),
 }
