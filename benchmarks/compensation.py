@@ -30,11 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import machine  # noqa: E402
 from oba_fx import meta as M  # noqa: E402
 from oba_fx.bn import recalibrate_bn  # noqa: E402
-from oba_fx.data import cifar10_loader, data_dir, evaluate, normalize  # noqa: E402
-from oba_fx.importance import param_scores  # noqa: E402
+from oba_fx.data import cifar10_loader, data_dir, normalize  # noqa: E402
+from oba_fx.evaluate import evaluate  # noqa: E402
 from oba_fx.masking import masked_reference  # noqa: E402
 from oba_fx.models import get_model  # noqa: E402
-from oba_fx.passes import CompensatePass, SelectPass, SlimPass, VerifyPass  # noqa: E402
+from oba_fx.passes import CompensatePass, ScorePass, SelectPass, SlimPass, VerifyPass  # noqa: E402
 from oba_fx.compensate import compensate  # noqa: E402
 from oba_fx.ops import count_flops  # noqa: E402
 from oba_fx.passes.pipeline import analyze_model  # noqa: E402
@@ -60,7 +60,8 @@ def slim_verified(gm, x0):
 def run_variant(model, frozen, max_layer_ratio, calib, test, x0, ridge, positions, scope, log) -> dict:
     def selected():
         gm = analyze_model(model, (x0,), frozen_modules=frozen)
-        SelectPass(param_scores(gm, "l1"), Target("flops", 0.5, max_layer_ratio=max_layer_ratio))(gm)
+        ScorePass("l1")(gm)
+        SelectPass(Target("flops", 0.5, max_layer_ratio=max_layer_ratio))(gm)
         return gm
 
     row: dict = {}

@@ -53,7 +53,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .coupling import Coupling
+from .batches import inputs_of, take
+from .spaces import Coupling
 from .masking import masked_reference
 from .tracing import eval_mode
 
@@ -335,13 +336,12 @@ class _Walk:
 
 def _batches(data: Iterable, max_batches: int | None) -> list[tuple]:
     out = []
-    for i, batch in enumerate(data):
-        if max_batches is not None and i >= max_batches:
-            break
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+    for batch in take(data, max_batches):
+        x = inputs_of(batch)
         out.append(tuple(x) if isinstance(x, (tuple, list)) else (x,))
     if not out:
-        raise ValueError("compensation needs calibration batches: data= gave none")
+        raise ValueError("compensation needs calibration batches: data= gave none (pass an iterable of "
+                         "(inputs, targets) batches, or bare input batches)")
     return out
 
 
@@ -412,7 +412,8 @@ def compensate(gm: torch.fx.GraphModule, c: Coupling, removed: np.ndarray, data:
     todo = {l.node: l for l in layers}
     gen = torch.Generator().manual_seed(seed)
     fits: list[LayerFit] = []
-    bar = tqdm(total=len(layers), desc="compensation", unit="layer", disable=not progress, leave=False)
+    bar = tqdm(total=len(layers), desc="compensation", unit="layer", disable=None if progress else True,
+               leave=False)
     ref = gm if reference is None else reference
     with eval_mode(ref), eval_mode(masked):
         dense, pruned = _Walk(ref, inputs), _Walk(masked, inputs)

@@ -6,14 +6,14 @@ verification checks slimmed == compensated-masked.
 
 Example:
     >>> import torch
-    >>> from oba_fx.importance import param_scores
     >>> from oba_fx.select import Target
-    >>> from oba_fx.passes import SelectPass, SlimPass
+    >>> from oba_fx.passes import ScorePass, SelectPass, SlimPass
     >>> from oba_fx.passes.pipeline import analyze_model
     >>> _ = torch.manual_seed(0)
     >>> m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     >>> gm = analyze_model(m, (torch.randn(2, 4),))
-    >>> _ = SelectPass(param_scores(gm, "l1"), Target("channels", 0.5))(gm)
+    >>> _ = ScorePass("l1")(gm)
+    >>> _ = SelectPass(Target("channels", 0.5))(gm)
     >>> _ = CompensatePass([(torch.randn(32, 4), None)], progress=False)(gm)
     >>> [f.weight for f in gm.meta["oba.compensation"].fits]
     ['2.weight']
@@ -26,19 +26,24 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch.fx
-from torch.fx.passes.infra.pass_base import PassBase, PassResult
+from torch.fx.passes.infra.pass_base import PassResult
 
 from oba_fx import meta as M
 from oba_fx.compensate import compensate
 
+from .base import OBAPass
 
-class CompensatePass(PassBase):
+
+class CompensatePass(OBAPass):
     """Re-fit every layer reading removed units by ridge least squares on ``data``
     (:func:`oba_fx.compensate.compensate`, whose arguments these are).
 
     Reads ``gm.meta["oba.coupling"]`` and ``gm.meta["oba.selection"]``; updates ``gm``'s
     parameters in place; writes :class:`oba_fx.compensate.Compensation`.
     """
+
+    REQUIRES = (M.COUPLING, M.SELECTION)
+    ENSURES = (M.COMPENSATION,)
 
     def __init__(self, data: Iterable, *, max_batches: int | None = None, positions: int | None = 96,
                  ridge: float = 1e-3, scope: str = "removed", seed: int = 0, progress: bool = True) -> None:
@@ -48,8 +53,6 @@ class CompensatePass(PassBase):
                        progress=progress)
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
-        c = M.graph_meta(gm, M.COUPLING)
-        sel = M.graph_meta(gm, M.SELECTION)
-        rec = compensate(gm, c, sel.removed, self.data, **self.kw)
+        rec = compensate(gm, gm.meta[M.COUPLING], gm.meta[M.SELECTION].removed, self.data, **self.kw)
         gm.meta[M.COMPENSATION] = rec
         return PassResult(gm, bool(rec.fits))

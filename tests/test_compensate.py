@@ -17,10 +17,9 @@ import torch.nn.functional as F
 from _oracle import one_thread, randomize, rel_err  # noqa: F401 (fixture)
 from oba_fx import meta as M
 from oba_fx.compensate import compensate
-from oba_fx.importance import param_scores
 from oba_fx.masking import masked_reference
 from oba_fx.models.vit_cifar import vit_cifar
-from oba_fx.passes import CompensatePass, SelectPass, SlimPass, VerifyPass
+from oba_fx.passes import CompensatePass, ScorePass, SelectPass, SlimPass, VerifyPass
 from oba_fx.passes.pipeline import analyze_model
 from oba_fx.select import Selection, Target
 
@@ -197,7 +196,8 @@ def test_slimmed_equals_compensated_masked(case):
     gm = analyze_model(net, (x,))
     c = gm.meta[M.COUPLING]
     if drop is None:
-        SelectPass(param_scores(gm, "l1"), Target("channels", 0.4))(gm)
+        ScorePass("l1")(gm)
+        SelectPass(Target("channels", 0.4))(gm)
     else:
         removed = np.zeros(c.n_units, bool)
         for p, idx in drop.items():
@@ -251,7 +251,8 @@ def test_compensation_leaves_the_user_model_bit_identical():
     before = copy.deepcopy(net.state_dict())
     x = torch.randn(2, 3, 8, 8)
     gm = analyze_model(net, (x,))
-    SelectPass(param_scores(gm, "l1"), Target("channels", 0.4))(gm)
+    ScorePass("l1")(gm)
+    SelectPass(Target("channels", 0.4))(gm)
     CompensatePass([(torch.randn(8, 3, 8, 8), None)], positions=8, progress=False)(gm)
     assert gm.meta[M.COMPENSATION].fits
     after = net.state_dict()
@@ -267,7 +268,8 @@ def test_compensation_reduces_output_error_on_held_out_inputs():
     test = torch.randn(64, 3, 8, 8)
     gm = analyze_model(net, (x,))
     c = gm.meta[M.COUPLING]
-    SelectPass(param_scores(gm, "l1"), Target("channels", 0.4))(gm)
+    ScorePass("l1")(gm)
+    SelectPass(Target("channels", 0.4))(gm)
     removed = gm.meta[M.SELECTION].removed
     with torch.no_grad():
         dense = net(test)
