@@ -63,6 +63,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import itertools
 import logging
 import math
 import os
@@ -520,11 +521,11 @@ def _run_batches(model, loader, optimizer, loss_fn, teacher, distill, mask_list,
                  progress, desc, log_every) -> dict[str, Any]:
     """The batch loop of :func:`train_epoch` (arguments checked there)."""
     tally, t0 = _Tally(), time.perf_counter()
-    bar = tqdm(loader, desc=desc, disable=not progress, leave=False, total=_len_or_none(loader, max_batches))
+    # The bar is fed by hand: handed the loader, tqdm.auto's class calls iter() on it at once, which starts a
+    # DataLoader's worker processes and draws from its generator for an iterator that is thrown away.
+    bar = tqdm(desc=desc, disable=not progress, leave=False, total=_len_or_none(loader, max_batches))
     try:
-        for i, batch in enumerate(bar):
-            if max_batches is not None and i >= max_batches:
-                break
+        for i, batch in enumerate(itertools.islice(loader, max_batches)):  # no batch beyond max_batches is drawn
             x, y = _to_device(batch[0], dev), _to_device(batch[1], dev)
             loss, out = _loss(model, teacher, x, y, loss_fn, distill)
             value = float(loss.detach())
@@ -534,6 +535,7 @@ def _run_batches(model, loader, optimizer, loss_fn, teacher, distill, mask_list,
             if scheduler is not None:
                 scheduler.step()
             tally.add(value, y, _correct(out, y))
+            bar.update(1)
             if progress and tally.batches % 10 == 0:
                 bar.set_postfix(loss=f"{tally.loss / tally.samples:.4f}")
             if log_every and tally.batches % log_every == 0:

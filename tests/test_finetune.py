@@ -355,3 +355,30 @@ def test_cli_distils_from_the_dense_model_before_pruning(data_dir, monkeypatch, 
     assert "(distilled)" in capsys.readouterr().out
     assert main(common + ["--no-distill"]) == 0
     assert calls[1]["teacher"] is None
+
+
+class CountingLoader:
+    """A loader that counts the iterators made of it and the batches drawn from it."""
+
+    def __init__(self, ds: TensorDataset, batch_size: int = 32) -> None:
+        self.dl, self.iterators, self.drawn = DataLoader(ds, batch_size=batch_size), 0, 0
+
+    def __len__(self) -> int:
+        return len(self.dl)
+
+    def __iter__(self):
+        self.iterators += 1  # counted when the iterator is made, as a DataLoader starts its workers then
+        return self._batches()
+
+    def _batches(self):
+        for batch in self.dl:
+            self.drawn += 1
+            yield batch
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_train_epoch_makes_one_iterator_and_draws_no_batch_beyond_max_batches(progress):
+    ld = CountingLoader(task(n=128))
+    model = mlp()
+    train_epoch(model, ld, torch.optim.SGD(model.parameters(), lr=0.1), max_batches=2, progress=progress)
+    assert (ld.iterators, ld.drawn) == (1, 2)
