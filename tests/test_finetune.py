@@ -382,3 +382,11 @@ def test_train_epoch_makes_one_iterator_and_draws_no_batch_beyond_max_batches(pr
     model = mlp()
     train_epoch(model, ld, torch.optim.SGD(model.parameters(), lr=0.1), max_batches=2, progress=progress)
     assert (ld.iterators, ld.drawn) == (1, 2)
+
+
+def test_cli_bad_distill_weight_is_refused_before_any_work(capsys):
+    from oba_fx.cli import main
+
+    code = main(["prune", "--finetune-epochs", "1", "--distill-weight", "2", "--data", "/nonexistent"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--distill-weight" in err and "[0, 1]" in err and "nonexistent" not in err
