@@ -16,8 +16,11 @@ towards the degraded distribution, while matching the dense model's outputs on t
 ``T = 4`` is the value most often used on CIFAR-10 (e.g. Tian et al., "Contrastive
 Representation Distillation", 2020): a 93 %-accurate network's softmax is nearly one-hot at
 ``T = 1``, and ``T = 4`` lets the ranking of the other classes carry signal; the ``T²`` factor
-keeps the soft term's gradient at the scale of the hard one's. Both are options;
-``benchmarks/finetune_recipe.py`` measures the recipe with and without the teacher.
+keeps the soft term's gradient at the scale of the hard one's. Both are options.
+``benchmarks/finetune_recipe.py`` measures the recipe on the dense pretrained ResNet-56 (one
+epoch on the first 25,000 training images): labels only 92.6 → 91.0 % on the 1,000 exact test
+images (83.9 → 88.7 % on JPEG test images, the training distribution); self-distilled with these
+defaults 92.6 → 93.2 % (84.3 % JPEG).
 
 Checkpoints and resume: with ``checkpoint_dir`` the loop writes ``last.pt`` after every epoch
 (atomically: a temporary file, then :func:`os.replace`), holding the model's and the optimizer's
