@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -28,17 +28,3 @@ def machine() -> dict[str, Any]:
             "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
             "loadavg_at_start": load}
 
-
-def train_step(model: torch.nn.Module, loss_fn: Callable, opt, sched, x: torch.Tensor, y: torch.Tensor,
-               what: str = "training") -> tuple[float, torch.Tensor]:
-    """One optimiser step on ``(x, y)``; returns the loss and the (detached) logits. Raises
-    ``FloatingPointError`` when the loss is not finite."""
-    logits = model(x)
-    loss = loss_fn(logits, y)
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"{what} loss became {loss.item()}")
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    sched.step()
-    return float(loss.detach()), logits.detach()

@@ -73,7 +73,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, train_step  # noqa: E402  (benchmarks/ is not a package)
+from _common import machine  # noqa: E402  (benchmarks/ is not a package)
 
 log = logging.getLogger("quality")
 
@@ -171,42 +171,36 @@ def _adamw_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
 
 
 def finetune_adamw(model, train_loader, epochs: int, lr: float, weight_decay: float,
-                   label_smoothing: float) -> list[float]:
+                   loss_fn: torch.nn.Module, distill: dict[str, Any]) -> list[float]:
     """AdamW with a per-step cosine decay to 0 (no warm-up); returns the mean loss of each epoch."""
+    from oba_fx.finetune import train_epoch
+
     opt = torch.optim.AdamW(_adamw_groups(model, weight_decay), lr=lr)
     total = max(1, epochs * len(train_loader))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(1.0, k / total))))
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-    losses = []
-    model.train()
-    for _ in range(epochs):
-        s, n = 0.0, 0
-        for x, y in train_loader:
-            loss, _ = train_step(model, loss_fn, opt, sched, x, y, "fine-tuning")
-            s += loss * len(y)
-            n += len(y)
-        losses.append(s / max(n, 1))
+    losses = [train_epoch(model, train_loader, opt, loss_fn=loss_fn, scheduler=sched, progress=False,
+                          desc=f"fine-tuning epoch {e + 1}/{epochs}", **distill)["loss"] for e in range(epochs)]
     model.eval()
     return losses
 
 
-def finetune_model(model, args, train_loader) -> dict[str, Any]:
+def finetune_model(model, args, train_loader, teacher=None) -> dict[str, Any]:
+    """Fine-tune ``model`` with ``args.optimizer``; with ``--distill``, from ``teacher`` (the dense model)."""
     from oba_fx.finetune import finetune
 
     # same data order and the same augmentation draws for every cell
     train_loader.generator.manual_seed(args.seed + 2)
     torch.manual_seed(args.seed + 3)
     t = time.perf_counter()
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing) if args.label_smoothing else None
+    distill = ({"teacher": teacher, "temperature": args.distill_temperature, "distill_weight": args.distill_weight}
+               if args.distill and teacher is not None else {})
     if args.optimizer == "adamw":
-        losses = finetune_adamw(model, train_loader, args.epochs, args.lr, args.weight_decay, args.label_smoothing)
+        losses = finetune_adamw(model, train_loader, args.epochs, args.lr, args.weight_decay,
+                                loss_fn or torch.nn.CrossEntropyLoss(), distill)
     else:
-        if args.label_smoothing:
-            res = finetune(model, train_loader, epochs=args.epochs, lr=args.lr, momentum=args.momentum,
-                           weight_decay=args.weight_decay, progress=False,
-                           loss_fn=torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing))
-        else:
-            res = finetune(model, train_loader, epochs=args.epochs, lr=args.lr, momentum=args.momentum,
-                           weight_decay=args.weight_decay, progress=False)
+        res = finetune(model, train_loader, epochs=args.epochs, lr=args.lr, momentum=args.momentum,
+                       weight_decay=args.weight_decay, progress=False, loss_fn=loss_fn, **distill)
         losses = list(res.train_loss)
     return {"train_loss": losses, "seconds": time.perf_counter() - t}
 
@@ -294,6 +288,10 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
                  f"weight decay {s['weight_decay']}{ls}, batch {s['train_batch_size']}, constant LR) on the first "
                  f"{s['train_images']} training images (JPEG-degraded set) with crop+flip augmentation, the same "
                  "order and draws for every cell.")
+    if s.get("distill"):
+        L.append(f"- Distillation during fine-tuning: teacher = the dense model, temperature "
+                 f"{s.get('distill_temperature')}, weight {s.get('distill_weight')} "
+                 "(`oba_fx.finetune.distillation_loss`).")
     L.append(f"- Test: exact 1k = `test_lossless1k` (1,000 exact test images, 1 s.d. about 0.8 points); "
              f"JPEG = first {njpeg} images of the JPEG-degraded `test` set "
              + ("(the ViT was trained on JPEG-degraded images and scores about as well on them as on exact ones)."
@@ -551,6 +549,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-limit", type=int, default=None, help="fine-tune on the first N training images (all 50k)")
     p.add_argument("--test-limit", type=int, default=None, help="first N images of the JPEG test set (all 10k)")
     p.add_argument("--dense-finetune", action="store_true", help="also fine-tune the dense model as a reference")
+    p.add_argument("--distill", action="store_true",
+                   help="fine-tune with distillation from the dense model (oba_fx.finetune.distillation_loss)")
+    p.add_argument("--distill-temperature", type=float, default=4.0)
+    p.add_argument("--distill-weight", type=float, default=0.9, help="share of the distillation term")
     p.add_argument("--latency-runs", type=int, default=9)
     p.add_argument("--latency-batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
@@ -680,7 +682,7 @@ def main(argv=None) -> int:
         row: dict[str, Any] = {"kind": "dense_finetuned", "label": "dense + fine-tuning"}
         try:
             m = copy.deepcopy(dense)
-            row["finetune"] = finetune_model(m, args, train_loader)
+            row["finetune"] = finetune_model(m, args, train_loader, teacher=dense)
             row["acc"] = accuracies(m, test_loaders)
             log.info("dense fine-tuned: %s (%.0f s)", row["acc"], row["finetune"]["seconds"])
         except Exception as exc:
@@ -737,7 +739,7 @@ def main(argv=None) -> int:
                     log.info("BN-recal: %s", row["bn_recal"])
                 if args.epochs > 0:
                     stage = "finetune"
-                    row["finetune"] = finetune_model(slim, args, train_loader)
+                    row["finetune"] = finetune_model(slim, args, train_loader, teacher=dense)
                     row["finetuned"] = accuracies(slim, test_loaders)
                     log.info("fine-tuned (%.0f s): %s", row["finetune"]["seconds"], row["finetuned"])
             except Exception as exc:

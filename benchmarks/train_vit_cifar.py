@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, train_step  # noqa: E402  (benchmarks/ is not a package)
+from _common import machine  # noqa: E402  (benchmarks/ is not a package)
 
 log = logging.getLogger("train_vit_cifar")
 
@@ -114,10 +114,9 @@ def main(argv=None) -> int:
     if args.epochs < 1:
         raise SystemExit("--epochs must be at least 1")
     torch.set_num_threads(args.threads)
-    from tqdm.auto import tqdm
-
     from oba_fx.data import cifar10_loader, data_dir
     from oba_fx.evaluate import evaluate
+    from oba_fx.finetune import train_epoch
     from oba_fx.io import atomic_save
     from oba_fx.models.vit_cifar import vit_cifar
 
@@ -160,26 +159,13 @@ def main(argv=None) -> int:
 
     t_start = time.perf_counter()
     for epoch in range(1, args.epochs + 1):
-        model.train()
-        t0 = time.perf_counter()
-        loss_sum, correct, seen = 0.0, 0, 0
-        bar = tqdm(train_loader, desc=f"epoch {epoch}/{args.epochs}", leave=False, disable=args.no_progress,
-                   mininterval=5.0)
-        for step, (x, y) in enumerate(bar, 1):
-            loss, logits = train_step(model, loss_fn, opt, sched, x, y, f"epoch {epoch} training")
-            n = int(y.numel())
-            loss_sum += loss * n
-            correct += int((logits.argmax(1) == y).sum())
-            seen += n
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", refresh=False)
-            if args.no_progress and args.log_every and step % args.log_every == 0:
-                log.info("epoch %d step %d/%d: mean loss %.4f, lr %.2e (%.0f s)", epoch, step,
-                         steps_per_epoch, loss_sum / seen, opt.param_groups[0]["lr"], time.perf_counter() - t0)
-        train_s = time.perf_counter() - t0
+        stats = train_epoch(model, train_loader, opt, loss_fn=loss_fn, scheduler=sched, progress=not args.no_progress,
+                            desc=f"epoch {epoch}/{args.epochs}", log_every=args.log_every if args.no_progress else 0)
+        train_s = stats["seconds"]
         t1 = time.perf_counter()
         acc = {name: evaluate(model, ld) for name, ld in test_loaders.items()}
         eval_s = time.perf_counter() - t1
-        row = {"epoch": epoch, "train_loss": loss_sum / seen, "train_acc": correct / seen,
+        row = {"epoch": epoch, "train_loss": stats["loss"], "train_acc": stats["accuracy"],
                "lr_end": opt.param_groups[0]["lr"], "train_s": train_s, "eval_s": eval_s, **acc}
         summary["history"].append(row)
         log.info("epoch %d/%d: train loss %.4f, train acc %.4f, test exact1k %.4f, jpeg %.4f "

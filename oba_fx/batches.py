@@ -31,7 +31,7 @@ def take(data: Iterable, max_batches: int | None) -> Iterator:
 def to_device(x: Any, device: torch.device | str) -> Any:
     """``x`` with every tensor in it (tuples, lists and dicts searched) moved to ``device``."""
     if isinstance(x, torch.Tensor):
-        return x.to(device)
+        return x.to(device, non_blocking=True)
     if isinstance(x, (tuple, list)):
         return type(x)(to_device(v, device) for v in x)
     if isinstance(x, dict):

@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import os
 import sys
@@ -92,6 +93,20 @@ def _loaders(args, root: Path) -> dict:
     }
 
 
+def _distill_options(args) -> dict | None:
+    """``finetune`` keywords for the distillation flags (checked now, before minutes of work), or
+    ``None`` when fine-tuning without a teacher."""
+    if args.finetune_epochs <= 0 or not args.distill:
+        return None
+    if args.distill_temperature is not None and not args.distill_temperature > 0:
+        raise ValueError(f"--distill-temperature must be positive, got {args.distill_temperature}")
+    if args.distill_weight is not None and not 0.0 <= args.distill_weight <= 1.0:
+        raise ValueError(f"--distill-weight is the share of the distillation loss and must be in [0, 1], "
+                         f"got {args.distill_weight} (or use --no-distill)")
+    return {k: v for k, v in (("temperature", args.distill_temperature), ("distill_weight", args.distill_weight))
+            if v is not None}
+
+
 def cmd_prune(args) -> int:
     import torch
 
@@ -103,6 +118,7 @@ def cmd_prune(args) -> int:
 
     if not 0.0 < args.target_flops <= 1.0:
         raise ValueError(f"--target-flops is the retained FLOPs fraction and must be in (0, 1], got {args.target_flops}")
+    distill = _distill_options(args)
     data = data_dir(args.data)
     weights = _weights_path(args, data)
     classes = 100 if args.dataset == "cifar100" else 10
@@ -117,6 +133,7 @@ def cmd_prune(args) -> int:
     def accuracy(m):
         return [evaluate(m, dl) for dl in tests.values()]
 
+    teacher = copy.deepcopy(model) if distill is not None else None  # the dense model, before pruning
     x = next(iter(calib))[0][:1]
     t0 = time.time()
     acc = {"before": accuracy(model)}
@@ -133,8 +150,9 @@ def cmd_prune(args) -> int:
         from .finetune import finetune
 
         finetune(pruned, train(), epochs=args.finetune_epochs, lr=args.lr, progress=not args.quiet,
-                 checkpoint_dir=(args.out + ".ckpt") if args.out else None)
-        acc[f"after {args.finetune_epochs} fine-tuning epoch(s)"] = accuracy(pruned)
+                 checkpoint_dir=(args.out + ".ckpt") if args.out else None, teacher=teacher, **(distill or {}))
+        how = " (distilled)" if teacher is not None else ""
+        acc[f"after {args.finetune_epochs} fine-tuning epoch(s){how}"] = accuracy(pruned)
     r = pruned.meta["oba"]
     print(layer_table(r, model, pruned))
     print(f"\nFLOPs {r['flops_before']:,} -> {r['flops_after']:,} ({r['flops_after'] / r['flops_before']:.3f}); "
@@ -203,9 +221,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch-size", type=int, default=64)
     pr.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N JPEG test images")
     pr.add_argument("--steps", type=int, default=1, help="rescored pruning steps (exponential schedule)")
-    pr.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune this many epochs after pruning")
+    pr.add_argument("--finetune-epochs", type=int, default=0,
+                    help="fine-tune this many epochs after pruning, distilling from the dense model (see --no-distill)")
     pr.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate (paper: 1e-3)")
     pr.add_argument("--train-limit", type=int, default=None, help="fine-tune on the first N training images")
+    pr.add_argument("--no-distill", dest="distill", action="store_false",
+                    help="fine-tune on the labels alone (default: distil from the dense model before pruning)")
+    pr.add_argument("--distill-temperature", type=float, default=None, help="distillation temperature (default 4)")
+    pr.add_argument("--distill-weight", type=float, default=None,
+                    help="share of the distillation term in the fine-tuning loss, in [0, 1] (default 0.9)")
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
     pr.add_argument("--no-bn-recal", dest="bn_recal", action="store_false",
                     help="skip re-estimating BatchNorm statistics on the calibration images after pruning")

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import oba_fx
 from _oracle import one_thread  # noqa: F401 (autouse fixture: one torch thread on the shared cores)
-from oba_fx.finetune import CHECKPOINT_NAME, FinetuneResult, finetune
+from oba_fx.finetune import CHECKPOINT_NAME, FinetuneResult, distillation_loss, finetune, train_epoch
 
 
 def task(n: int = 256, d: int = 8, k: int = 3, seed: int = 0) -> TensorDataset:
@@ -179,3 +179,214 @@ def test_finetune_a_pruned_graph_module():
     assert res.epochs_run == (1,) and res.train_loss[0] > 0
     assert any(not torch.equal(a, b) for a, b in zip(before, gm.parameters()))
     assert gm.meta["oba"]["flops_after"] < gm.meta["oba"]["flops_before"]
+
+
+# ----------------------------------------------------------------------------------------------
+# distillation and the shared epoch loop
+
+
+def hand_distillation_loss(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, T: float, a: float) -> float:
+    """(1-a)·CE + a·T²·KL(p_t ‖ p_s), written out with explicit log-softmax sums in float64."""
+    s, t = s.double(), t.double()
+
+    def log_softmax(z):
+        return z - z.exp().sum(1, keepdim=True).log()
+
+    ce = -log_softmax(s)[torch.arange(len(y)), y].mean()
+    log_ps, log_pt = log_softmax(s / T), log_softmax(t / T)
+    kl = (log_pt.exp() * (log_pt - log_ps)).sum() / len(y)
+    return float((1 - a) * ce + a * T * T * kl)
+
+
+@pytest.mark.parametrize("T, a", [(1.0, 0.5), (4.0, 0.9), (2.5, 1.0)])
+def test_distillation_loss_matches_a_hand_computation(T, a):
+    g = torch.Generator().manual_seed(0)
+    s = 3 * torch.randn(6, 5, generator=g, dtype=torch.float64)
+    t = 3 * torch.randn(6, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 5, (6,), generator=g)
+    got = float(distillation_loss(s, t, y, temperature=T, weight=a))
+    assert got == pytest.approx(hand_distillation_loss(s, t, y, T, a), rel=1e-12, abs=1e-12)
+
+
+def test_weight_zero_is_plain_cross_entropy():
+    g = torch.Generator().manual_seed(1)
+    s, t, y = torch.randn(8, 4, generator=g), torch.randn(8, 4, generator=g), torch.randint(0, 4, (8,), generator=g)
+    assert torch.equal(distillation_loss(s, t, y, temperature=4.0, weight=0.0), nn.functional.cross_entropy(s, y))
+
+
+def test_finetune_with_weight_zero_equals_finetune_without_teacher():
+    ds = task()
+    teacher = mlp(seed=7)
+    plain = mlp()
+    r1 = finetune(plain, loader(ds), epochs=2, lr=0.05, progress=False)
+    distilled = mlp()  # the same weights and global RNG state (Dropout) as `plain` had
+    r2 = finetune(distilled, loader(ds), epochs=2, lr=0.05, progress=False, teacher=teacher, distill_weight=0.0)
+    assert r1.train_loss == r2.train_loss
+    assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), distilled.parameters()))
+
+
+def teacher_net(seed: int = 3) -> nn.Module:
+    # BatchNorm running statistics and Dropout would change / draw in train mode.
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3))
+
+
+def test_teacher_is_never_modified_and_keeps_its_modes():
+    teacher = teacher_net().train()
+    teacher[3].eval()  # mixed modes must come back as they were (BatchNorm stays in train mode)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    modes = [m.training for m in teacher.modules()]
+    finetune(mlp(), loader(task()), epochs=2, lr=0.1, teacher=teacher, progress=False)
+    after = teacher.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert [m.training for m in teacher.modules()] == modes
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_teacher_runs_in_eval_mode_without_gradients():
+    teacher = teacher_net().train()
+    seen = []
+    teacher.register_forward_hook(lambda m, i, o: seen.append((m.training, m[1].training, torch.is_grad_enabled())))
+    finetune(mlp(), loader(task(n=64)), epochs=1, teacher=teacher, progress=False)
+    assert len(seen) == 2 and set(seen) == {(False, False, False)}
+
+
+def test_distillation_brings_the_student_to_the_teacher():
+    ds = task(n=512)
+    teacher = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
+    finetune(teacher, loader(ds), epochs=5, lr=0.1, milestones=[], progress=False)  # a teacher worth imitating
+    x, y = ds.tensors
+
+    def loss_of(student):
+        with torch.no_grad():
+            return float(distillation_loss(student.eval()(x), teacher.eval()(x), y, temperature=4.0, weight=0.9))
+
+    student = mlp(seed=5)
+    before = loss_of(student)
+    res = finetune(student, loader(ds), epochs=5, lr=0.1, milestones=[], teacher=teacher, progress=False)
+    assert loss_of(student) < 0.5 * before
+    assert res.train_loss[-1] < res.train_loss[0]
+
+
+def test_teacher_with_other_classes_names_both_shapes_and_the_fix():
+    teacher = nn.Linear(8, 5)
+    with pytest.raises(ValueError, match=r"student \(32, 3\) and teacher \(32, 5\)") as e:
+        finetune(mlp(), loader(task(n=64)), epochs=1, teacher=teacher, progress=False)
+    assert "teacher=None" in str(e.value) and "--no-distill" in str(e.value)
+
+
+def test_the_model_itself_is_refused_as_teacher():
+    model = mlp()
+    with pytest.raises(ValueError, match="deepcopy"):
+        finetune(model, loader(task(n=32)), epochs=1, teacher=model, progress=False)
+
+
+@pytest.mark.parametrize("kw, match", [(dict(temperature=0.0), "temperature"), (dict(distill_weight=1.5), r"\[0, 1\]")])
+def test_bad_distillation_settings_are_named(kw, match):
+    with pytest.raises(ValueError, match=match):
+        finetune(mlp(), loader(task(n=32)), epochs=1, teacher=teacher_net(), progress=False, **kw)
+
+
+def test_resume_with_a_teacher_matches_uninterrupted_run(tmp_path):
+    ds = task()
+    teacher = teacher_net()
+    kw = dict(epochs=3, lr=0.05, milestones=[2], progress=False, teacher=teacher, temperature=2.0)
+    ref_model = mlp()
+    ref = finetune(ref_model, loader(ds), **kw)
+    with pytest.raises(Crash):  # dies in epoch 2
+        finetune(mlp(), loader(ds), checkpoint_dir=tmp_path, loss_fn=crashing_loss(len(loader(ds)) + 2), **kw)
+    torch.manual_seed(999)
+    model = mlp()
+    res = finetune(model, loader(ds), checkpoint_dir=tmp_path, **kw)
+    assert res.epochs_run == (2, 3) and res.train_loss == ref.train_loss
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref_model.parameters()))
+
+
+def test_train_epoch_reports_loss_and_accuracy_of_the_batches():
+    ds = task(n=96)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    frozen = torch.optim.SGD(model.parameters(), lr=0.0)  # the weights stay: the epoch's numbers are exact
+    stats = train_epoch(model, DataLoader(ds, batch_size=32), frozen, progress=False)
+    x, y = ds.tensors
+    with torch.no_grad():
+        out = model(x)
+    assert (stats["samples"], stats["batches"]) == (96, 3)
+    assert stats["loss"] == pytest.approx(float(nn.functional.cross_entropy(out, y)), rel=1e-6)
+    assert stats["accuracy"] == pytest.approx(float((out.argmax(1) == y).double().mean()))
+
+
+def test_train_epoch_steps_a_per_batch_scheduler_and_any_optimizer():
+    model = mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 / (1 + k))
+    stats = train_epoch(model, loader(task(n=128)), opt, scheduler=sched, max_batches=3, progress=False)
+    assert stats["batches"] == 3 and sched.last_epoch == 3
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 / 4)
+
+
+def test_train_epoch_on_an_empty_loader_says_so():
+    model = mlp()
+    with pytest.raises(ValueError, match="no batches"):
+        train_epoch(model, [], torch.optim.SGD(model.parameters(), lr=0.1), progress=False)
+
+
+def test_cli_distils_from_the_dense_model_before_pruning(data_dir, monkeypatch, capsys):
+    import sys
+
+    from oba_fx.cli import main
+    from oba_fx.models import get_model
+
+    ft = sys.modules["oba_fx.finetune"]  # the package attribute `oba_fx.finetune` is the function
+    calls = []
+    real = ft.finetune
+
+    def spy(model, loader, **kw):
+        calls.append(kw)
+        return real(model, loader, max_batches=1, **kw)
+
+    monkeypatch.setattr(ft, "finetune", spy)
+    common = ["prune", "--model", "resnet20", "--data", str(data_dir), "--test-limit", "50", "--calib-batches", "1",
+              "--train-limit", "64", "--finetune-epochs", "1", "--no-bn-recal", "--quiet"]
+    assert main(common + ["--distill-weight", "0.5"]) == 0
+    dense = get_model("resnet20", weights=str(data_dir / "weights" / "resnet20-12fca82f.th")).state_dict()
+    teacher = calls[0]["teacher"].state_dict()
+    assert teacher.keys() == dense.keys() and all(torch.equal(teacher[k], dense[k]) for k in dense)
+    assert calls[0]["distill_weight"] == 0.5 and "temperature" not in calls[0]
+    assert "(distilled)" in capsys.readouterr().out
+    assert main(common + ["--no-distill"]) == 0
+    assert calls[1]["teacher"] is None
+
+
+class CountingLoader:
+    """A loader that counts the iterators made of it and the batches drawn from it."""
+
+    def __init__(self, ds: TensorDataset, batch_size: int = 32) -> None:
+        self.dl, self.iterators, self.drawn = DataLoader(ds, batch_size=batch_size), 0, 0
+
+    def __len__(self) -> int:
+        return len(self.dl)
+
+    def __iter__(self):
+        self.iterators += 1  # counted when the iterator is made, as a DataLoader starts its workers then
+        return self._batches()
+
+    def _batches(self):
+        for batch in self.dl:
+            self.drawn += 1
+            yield batch
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_train_epoch_makes_one_iterator_and_draws_no_batch_beyond_max_batches(progress):
+    ld = CountingLoader(task(n=128))
+    model = mlp()
+    train_epoch(model, ld, torch.optim.SGD(model.parameters(), lr=0.1), max_batches=2, progress=progress)
+    assert (ld.iterators, ld.drawn) == (1, 2)
+
+
+def test_cli_bad_distill_weight_is_refused_before_any_work(capsys):
+    from oba_fx.cli import main
+
+    code = main(["prune", "--finetune-epochs", "1", "--distill-weight", "2", "--data", "/nonexistent"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--distill-weight" in err and "[0, 1]" in err and "nonexistent" not in err
