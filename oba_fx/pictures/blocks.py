@@ -146,6 +146,11 @@ def _note(bm: BlockMatrix) -> str:
 
 def draw_block_matrix(bm: BlockMatrix, path: str | Path, title: str = "Hessian block structure") -> Path:
     """Draw ``bm`` as a coloured matrix with stage separators; returns the path written."""
+    return save_figure(block_matrix_figure(bm, title), path)
+
+
+def block_matrix_figure(bm: BlockMatrix, title: str = "Hessian block structure"):
+    """The matplotlib figure of :func:`draw_block_matrix`; its first axes' image holds ``bm.codes``."""
     plt = pyplot()
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
@@ -171,4 +176,4 @@ def draw_block_matrix(bm: BlockMatrix, path: str | Path, title: str = "Hessian b
                bbox_to_anchor=(0.02, 0.0))
     fig.text(0.02, 1 - 0.15 / Hh, title, fontsize=FONT + 4, va="top", weight="bold")
     fig.text(0.02, 0.42 / Hh, _note(bm), fontsize=FONT, va="bottom")
-    return save_figure(fig, path)
+    return fig
