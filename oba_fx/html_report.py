@@ -43,8 +43,9 @@ def _img(path: Path, alt: str) -> str:
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
     def cell(v):
-        cls = ' class="n"' if isinstance(v, (int, float)) else ""
-        return f"<td{cls}>{html.escape(f'{v:,}' if isinstance(v, int) else str(v))}</td>"
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        cls = ' class="n"' if number else ""
+        return f"<td{cls}>{html.escape(f'{v:,}' if number and isinstance(v, int) else str(v))}</td>"
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(cell(v) for v in r) + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
