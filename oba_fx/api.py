@@ -63,7 +63,8 @@ def prune_graph(model: nn.Module, example_inputs: Any, *, criterion: str = "l1",
                 max_batches: int | None = None, max_layer_ratio: float = 0.95, min_channels: int = 1,
                 steps: int = 1, bn_recalibration: bool = True, leaf_modules: Iterable[type | str] = (),
                 concrete_args: dict | None = None, verify: bool = True, rtol: float = 1e-4, seed: int = 0,
-                verbose: bool = True, embed_width: bool = False, ranking: str | None = None) -> torch.fx.GraphModule:
+                verbose: bool = True, embed_width: bool = False, ranking: str | None = None,
+                report_dir: str | Path | None = None) -> torch.fx.GraphModule:
     """Prune ``model`` to a target and return a physically slimmed ``torch.fx.GraphModule``.
 
     The model is traced (a deep copy: ``model`` is never modified), every channel dimension is
@@ -110,6 +111,7 @@ def prune_graph(model: nn.Module, example_inputs: Any, *, criterion: str = "l1",
             divided by the FLOPs the unit's removal saves: a loss change per FLOP) or
             ``"global"`` (as they are); ``None``: the criterion's own (``"global"`` for
             ``"obs"``), else ``"group_max"``.
+        report_dir: also write the run's HTML report and pictures there (:func:`oba_fx.report.write`).
 
     Returns:
         The slimmed GraphModule; ``compiled.meta["oba"]`` is the report (FLOPs and parameters
@@ -143,6 +145,9 @@ def prune_graph(model: nn.Module, example_inputs: Any, *, criterion: str = "l1",
                   "frozen_modules": _module_names(model, ignore), "norm_width": embed_width})
     out = run(model, inputs, config)
     out.train(model.training)
+    if report_dir is not None:
+        from .report import write
+        write(out, report_dir, analysis=analyze_model(model, inputs, **config.analysis))
     return out
 
 

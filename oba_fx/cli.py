@@ -146,11 +146,12 @@ def cmd_prune(args) -> int:
     if args.bn_recal and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in pruned.modules()):
         recalibrate_bn(pruned, calib)
         acc["after + BN recalibration"] = accuracy(pruned)
+    history = None
     if args.finetune_epochs > 0:
         from .finetune import finetune
 
-        finetune(pruned, train(), epochs=args.finetune_epochs, lr=args.lr, progress=not args.quiet,
-                 checkpoint_dir=(args.out + ".ckpt") if args.out else None, teacher=teacher, **(distill or {}))
+        history = finetune(pruned, train(), epochs=args.finetune_epochs, lr=args.lr, progress=not args.quiet,
+                           checkpoint_dir=(args.out + ".ckpt") if args.out else None, teacher=teacher, **(distill or {}))
         how = " (distilled)" if teacher is not None else ""
         acc[f"after {args.finetune_epochs} fine-tuning epoch(s){how}"] = accuracy(pruned)
     r = pruned.meta["oba"]
@@ -167,7 +168,21 @@ def cmd_prune(args) -> int:
 
         save(pruned, args.out)
         print(f"saved to {args.out}")
+    if args.report != "none":
+        print(f"report: {write_report(args, model, x, pruned, acc, tests, history)}")
     return 0
+
+
+def write_report(args, model, x, pruned, acc: dict, tests: dict, history) -> Path:
+    """The HTML report of ``oba-fx prune``: ``--report DIR``, by default next to ``--out``."""
+    from .passes.pipeline import analyze_model
+    from .report import write
+
+    where = args.report or (f"{args.out}.report" if args.out else "oba_fx_report")
+    accuracy = {k: dict(zip(tests, v)) for k, v in acc.items()}
+    settings = {k: v for k, v in vars(args).items() if k not in ("fn", "cmd")}
+    return write(pruned, where, analysis=analyze_model(model, (x,)), accuracy=accuracy, history=history,
+                 settings=settings, name=args.model)
 
 
 def cmd_explain(args) -> int:
@@ -234,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--no-bn-recal", dest="bn_recal", action="store_false",
                     help="skip re-estimating BatchNorm statistics on the calibration images after pruning")
     pr.add_argument("--out", help="save the pruned GraphModule and its report here (oba_fx.save)")
+    pr.add_argument("--report", default=None, metavar="DIR",
+                    help="write the HTML report with pictures here (default: OUT.report next to --out, else "
+                         "./oba_fx_report; 'none': no report)")
     pr.set_defaults(fn=cmd_prune)
     ex = sub.add_parser("explain", help="write the coupling and Hessian-block graphs of a model")
     ex.add_argument("--model", default="resnet56")
