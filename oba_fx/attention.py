@@ -31,6 +31,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
+from oba_fx.errors import BadInputError
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class MultiheadAttention(nn.Module):
         """Share the parameters of ``m`` (no copy); raise ``ValueError`` if ``m`` uses a feature
         this class does not implement."""
         if not supports(m):
-            raise ValueError("add_bias_kv / add_zero_attn are not supported")
+            raise BadInputError("add_bias_kv / add_zero_attn are not supported")
         new = cls(m.num_heads, m.head_dim, m.batch_first, m.dropout)
         for name in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias"):
             p = getattr(m, name, None)

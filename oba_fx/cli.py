@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .criteria import REGISTRY, get_criterion
+from oba_fx.errors import BadInputError
 
 if TYPE_CHECKING:  # the command line checks its arguments before torch is imported
     import torch
@@ -99,25 +100,39 @@ def _distill_options(args) -> dict | None:
     if args.finetune_epochs <= 0 or not args.distill:
         return None
     if args.distill_temperature is not None and not args.distill_temperature > 0:
-        raise ValueError(f"--distill-temperature must be positive, got {args.distill_temperature}")
+        raise BadInputError(f"--distill-temperature must be positive, got {args.distill_temperature}")
     if args.distill_weight is not None and not 0.0 <= args.distill_weight <= 1.0:
-        raise ValueError(f"--distill-weight is the share of the distillation loss and must be in [0, 1], "
+        raise BadInputError(f"--distill-weight is the share of the distillation loss and must be in [0, 1], "
                          f"got {args.distill_weight} (or use --no-distill)")
     return {k: v for k, v in (("temperature", args.distill_temperature), ("distill_weight", args.distill_weight))
             if v is not None}
 
 
-def cmd_prune(args) -> int:
-    import torch
+def _check_prune_args(args) -> Path:
+    """Everything that can be checked before minutes of work; returns where the model goes."""
+    if not 0.0 < args.target_flops <= 1.0:
+        raise BadInputError(f"--target-flops is the retained FLOPs fraction and must be in (0, 1], got {args.target_flops}")
+    for flag in ("calib_batches", "batch_size", "steps"):
+        if getattr(args, flag) < 1:
+            raise BadInputError(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
+    out = Path(args.out or Path("oba_fx_out") / f"{args.model}-flops{args.target_flops:g}.pt")
+    folder = out.parent
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise OSError(f"--out {out}: {existing} is not a writable folder; pass --out to a writable place")
+    return out
 
+
+def cmd_prune(args) -> int:
     from . import prune_graph
-    from .bn import recalibrate_bn
     from .data import data_dir
     from .evaluate import evaluate
+    from .io import save
     from .models import get_model
 
-    if not 0.0 < args.target_flops <= 1.0:
-        raise ValueError(f"--target-flops is the retained FLOPs fraction and must be in (0, 1], got {args.target_flops}")
+    out_path = _check_prune_args(args)
     distill = _distill_options(args)
     data = data_dir(args.data)
     weights = _weights_path(args, data)
@@ -130,45 +145,42 @@ def cmd_prune(args) -> int:
     train = loaders.pop("train")
     tests = loaders
 
-    def accuracy(m):
-        return [evaluate(m, dl) for dl in tests.values()]
+    def accuracy(m, when: str):
+        return [evaluate(m, dl, progress=not args.quiet, desc=f"accuracy {when}") for dl in tests.values()]
 
     teacher = copy.deepcopy(model) if distill is not None else None  # the dense model, before pruning
     x = next(iter(calib))[0][:1]
     t0 = time.time()
-    acc = {"before": accuracy(model)}
-    kwargs = dict(criterion=args.criterion, target_flops=args.target_flops, steps=args.steps, bn_recalibration=False,
-                  verbose=not args.quiet)
-    if get_criterion(args.criterion).needs_data:
-        kwargs.update(data=calib, max_batches=args.calib_batches)
+    acc = {"before": accuracy(model, "before")}
+    kwargs = dict(criterion=args.criterion, target_flops=args.target_flops, steps=args.steps,
+                  ranking=args.ranking, verbose=not args.quiet)
+    kwargs.update(data=calib, max_batches=args.calib_batches, compensate=args.compensate,
+                  bn_recalibration={"auto": None, "on": True, "off": False}[args.bn_recal])
     pruned = prune_graph(model, x, **kwargs)
-    acc["after"] = accuracy(pruned)
-    if args.bn_recal and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in pruned.modules()):
-        recalibrate_bn(pruned, calib)
-        acc["after + BN recalibration"] = accuracy(pruned)
+    r = pruned.meta["oba"]
+    how = [w for w, on in (("compensated", r.get("compensation")), ("BN recalibrated", r["bn_recalibrated"])) if on]
+    acc["after" + (f" ({', '.join(how)})" if how else "")] = accuracy(pruned, "after")
     history = None
     if args.finetune_epochs > 0:
         from .finetune import finetune
 
         history = finetune(pruned, train(), epochs=args.finetune_epochs, lr=args.lr, progress=not args.quiet,
-                           checkpoint_dir=(args.out + ".ckpt") if args.out else None, teacher=teacher, **(distill or {}))
+                           checkpoint_dir=f"{out_path}.ckpt", teacher=teacher, **(distill or {}))
         how = " (distilled)" if teacher is not None else ""
-        acc[f"after {args.finetune_epochs} fine-tuning epoch(s){how}"] = accuracy(pruned)
-    r = pruned.meta["oba"]
+        acc[f"after {args.finetune_epochs} fine-tuning epoch(s){how}"] = accuracy(pruned, "after fine-tuning")
     print(layer_table(r, model, pruned))
     print(f"\nFLOPs {r['flops_before']:,} -> {r['flops_after']:,} ({r['flops_after'] / r['flops_before']:.3f}); "
           f"params {r['params_before']:,} -> {r['params_after']:,} ({r['params_after'] / r['params_before']:.3f})")
     sizes = [len(dl.dataset) for dl in tests.values()]
     for k, accs in acc.items():
         parts = ", ".join(f"{100 * a:5.1f} % on {n} {name}" for a, n, name in zip(accs, sizes, tests))
-        print(f"accuracy {k:28s}: {parts}")
-    print(f"({args.criterion}, {args.steps} step(s); {time.time() - t0:.0f} s)")
-    if args.out:
-        from .io import save
-
-        save(pruned, args.out)
-        print(f"saved to {args.out}")
+        print(f"accuracy {k:40s}: {parts}")
+    print(f"({args.criterion}, ranking {r['target']['ranking']}, {args.steps} step(s); {time.time() - t0:.0f} s)")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    save(pruned, out_path)
+    print(f"saved the pruned model to {out_path} (load it with oba_fx.load, or oba-fx eval --model {out_path})")
     if args.report != "none":
+        args.out = str(out_path)
         print(f"report: {write_report(args, model, x, pruned, acc, tests, history)}")
     return 0
 
@@ -231,7 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="pruning criterion (default l1): " + "; ".join(
                         f"{c.name}: {c.description}" + (" [needs data]" if c.needs_data else "")
                         for c in REGISTRY.values()))
-    pr.add_argument("--calib-batches", type=int, default=16,
+    pr.add_argument("--ranking", default=None, choices=["group_max", "per_flop", "global"],
+                    help="how unit scores compare across layers (default: the criterion's own, else group_max)")
+    pr.add_argument("--no-compensate", dest="compensate", action="store_false",
+                    help="do not re-fit the layers that read removed channels (least squares on the calibration "
+                         "images; on by default)")
+    pr.add_argument("--bn-recal", default="auto", choices=["auto", "on", "off"],
+                    help="re-estimate BatchNorm statistics after pruning (auto: only without compensation, "
+                         "which recalibration would undo)")
+    pr.add_argument("--calib-batches", type=int, default=8,
                     help="calibration batches (scores of data-driven criteria, BN recalibration)")
     pr.add_argument("--batch-size", type=int, default=64)
     pr.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N JPEG test images")
@@ -246,9 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--distill-weight", type=float, default=None,
                     help="share of the distillation term in the fine-tuning loss, in [0, 1] (default 0.9)")
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
-    pr.add_argument("--no-bn-recal", dest="bn_recal", action="store_false",
-                    help="skip re-estimating BatchNorm statistics on the calibration images after pruning")
-    pr.add_argument("--out", help="save the pruned GraphModule and its report here (oba_fx.save)")
+    pr.add_argument("--out", help="where to save the pruned GraphModule (oba_fx.save; default "
+                                  "oba_fx_out/<model>-flops<target>.pt); the HTML report goes next to it")
     pr.add_argument("--report", default=None, metavar="DIR",
                     help="write the HTML report with pictures here (default: OUT.report next to --out, else "
                          "./oba_fx_report; 'none': no report)")

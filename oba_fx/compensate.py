@@ -57,6 +57,7 @@ from .batches import inputs_of, take
 from .spaces import Coupling
 from .masking import masked_reference
 from .tracing import eval_mode
+from oba_fx.errors import BadInputError
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +176,7 @@ def find_layers(gm: torch.fx.GraphModule, c: Coupling, removed: np.ndarray, scop
     (dim 1) has removed indices; with ``scope="all"`` every layer with a kept output qualifies.
     """
     if scope not in ("removed", "all"):
-        raise ValueError(f"scope must be 'removed' or 'all', got {scope!r}")
+        raise BadInputError(f"scope must be 'removed' or 'all', got {scope!r}")
     uses: dict[str, int] = {}
     for n in gm.graph.nodes:
         if n.op in ("call_module", "get_attr"):
@@ -340,7 +341,7 @@ def _batches(data: Iterable, max_batches: int | None) -> list[tuple]:
         x = inputs_of(batch)
         out.append(tuple(x) if isinstance(x, (tuple, list)) else (x,))
     if not out:
-        raise ValueError("compensation needs calibration batches: data= gave none (pass an iterable of "
+        raise BadInputError("compensation needs calibration batches: data= gave none (pass an iterable of "
                          "(inputs, targets) batches, or bare input batches)")
     return out
 

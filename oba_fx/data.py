@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
+from oba_fx.errors import BadInputError
 
 __all__ = [
     "ENV_VAR",
@@ -141,7 +142,7 @@ def load_cifar10_npz(
         (torch.Size([8, 3, 32, 32]), torch.Size([8]))
     """
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLITS)}")
+        raise BadInputError(f"unknown split {split!r}; expected one of {sorted(SPLITS)}")
     folder = Path(dir)
     if not folder.is_dir():
         raise FileNotFoundError(
@@ -158,16 +159,16 @@ def load_cifar10_npz(
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
         raise OSError(f"cannot read CIFAR-10 file {str(path)!r} as an npz archive: {exc}") from exc
     if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise ValueError(f"{str(path)!r} is a single .npy array, not an npz archive with 'x' and 'y'")
+        raise BadInputError(f"{str(path)!r} is a single .npy array, not an npz archive with 'x' and 'y'")
     with archive as d:
         if "x" not in d.files or "y" not in d.files:
-            raise ValueError(f"{str(path)!r} has arrays {d.files}; expected 'x' (uint8 NHWC) and 'y' (int64)")
+            raise BadInputError(f"{str(path)!r} has arrays {d.files}; expected 'x' (uint8 NHWC) and 'y' (int64)")
         try:
             xs, ys = d["x"], d["y"]
         except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
             raise OSError(f"cannot read arrays from CIFAR-10 file {str(path)!r}: {exc}") from exc
     if xs.dtype != np.uint8 or xs.ndim != 4 or xs.shape[1:] != (32, 32, 3) or len(ys) != len(xs):
-        raise ValueError(
+        raise BadInputError(
             f"{str(path)!r}: expected x uint8 (N, 32, 32, 3) and y (N,), got x {xs.dtype} {xs.shape}, y {ys.shape}"
         )
     if limit is not None:
@@ -274,7 +275,7 @@ def torchvision_cifar(
 
     classes = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}
     if dataset not in classes:
-        raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(classes)}")
+        raise BadInputError(f"unknown dataset {dataset!r}; expected one of {sorted(classes)}")
     steps: list = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if augment else []
     steps += [T.ToTensor(), T.Normalize(MEAN, STD)]
     return classes[dataset](

@@ -21,6 +21,7 @@ import torch.nn as nn
 from torch.func import functional_call, grad, vmap
 
 from .hvp import LossFn, default_loss_fn, fused_hvp, math_attention
+from oba_fx.errors import BadInputError
 
 
 def _state(model: nn.Module) -> tuple[dict, dict]:
@@ -153,7 +154,7 @@ def hutchinson_diagonal(model: nn.Module, batch: tuple[Any, Any], probes: int | 
     names = _names(model, param_names)
     if isinstance(probes, int):
         if probes < 1:
-            raise ValueError(f"probes must be >= 1, got {probes}")
+            raise BadInputError(f"probes must be >= 1, got {probes}")
         gen = generator if generator is not None else torch.Generator().manual_seed(0)
         probe_list: Sequence[Mapping[str, torch.Tensor]] = [
             rademacher_like({n: params[n] for n in names}, gen) for _ in range(probes)]

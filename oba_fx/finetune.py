@@ -84,6 +84,7 @@ from tqdm.auto import tqdm
 from .batches import module_device, to_device
 from .evaluate import evaluate
 from .io import atomic_save
+from oba_fx.errors import BadInputError
 
 __all__ = ["CHECKPOINT_NAME", "DEFAULT_DISTILL_WEIGHT", "DEFAULT_TEMPERATURE", "FinetuneResult", "distillation_loss",
            "finetune", "train_epoch"]
@@ -227,9 +228,9 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
         raise OSError(f"cannot read the fine-tuning checkpoint {str(path)!r} (truncated or corrupt?): {exc}; "
                       "delete it or pass resume=False to start afresh") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != _FORMAT:
-        raise ValueError(f"{str(path)!r} is not an oba_fx fine-tuning checkpoint; delete it or pass resume=False")
+        raise BadInputError(f"{str(path)!r} is not an oba_fx fine-tuning checkpoint; delete it or pass resume=False")
     if ckpt.get("version", 0) > _VERSION:
-        raise ValueError(f"{str(path)!r} has checkpoint version {ckpt.get('version')}; this oba_fx reads "
+        raise BadInputError(f"{str(path)!r} has checkpoint version {ckpt.get('version')}; this oba_fx reads "
                          f"version {_VERSION} or older")
     return ckpt
 
@@ -247,7 +248,7 @@ def _prepare_masks(model: nn.Module, masks: Mapping[str, torch.Tensor] | None
         p = params[name]
         mask = torch.as_tensor(mask)
         if mask.shape != p.shape:
-            raise ValueError(f"mask for {name!r} has shape {tuple(mask.shape)}, the parameter {tuple(p.shape)}")
+            raise BadInputError(f"mask for {name!r} has shape {tuple(mask.shape)}, the parameter {tuple(p.shape)}")
         out.append((p, mask.to(device=p.device, dtype=p.dtype)))
     return out
 
@@ -269,10 +270,10 @@ def _lr_for_epoch(lr: float, gamma: float, milestones: list[int], epoch0: int) -
 
 def _check_distill_settings(temperature: float, weight: float) -> None:
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"the distillation temperature must be a positive number, got {temperature!r} "
+        raise BadInputError(f"the distillation temperature must be a positive number, got {temperature!r} "
                          f"(default {DEFAULT_TEMPERATURE})")
     if not (isinstance(weight, (int, float)) and 0.0 <= weight <= 1.0):
-        raise ValueError(f"the distillation weight is the share of the teacher's loss and must be in [0, 1], "
+        raise BadInputError(f"the distillation weight is the share of the teacher's loss and must be in [0, 1], "
                          f"got {weight!r} (0: plain cross-entropy; default {DEFAULT_DISTILL_WEIGHT})")
 
 
@@ -282,7 +283,7 @@ def _check_logits(student: Any, teacher: Any) -> None:
             raise TypeError(f"distillation needs logits tensors, but the {who} returned {type(t).__name__}; "
                             "wrap the model so that its forward returns the (batch, classes) logits")
     if student.shape != teacher.shape or student.dim() != 2:
-        raise ValueError(
+        raise BadInputError(
             f"distillation needs student and teacher logits of the same shape (batch, classes), got "
             f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)}; use a teacher with the "
             "student's classes in the same order (e.g. the dense model before pruning), or turn distillation "
@@ -344,7 +345,7 @@ def _check_teacher(teacher: nn.Module, model: nn.Module) -> None:
     if not isinstance(teacher, nn.Module):
         raise TypeError(f"teacher must be a torch.nn.Module, got {type(teacher).__name__}")
     if teacher is model or {id(p) for p in teacher.parameters()} & {id(p) for p in model.parameters()}:
-        raise ValueError("the teacher shares parameters with the model being trained; a teacher must stay fixed: "
+        raise BadInputError("the teacher shares parameters with the model being trained; a teacher must stay fixed: "
                          "pass a frozen copy taken before pruning, e.g. teacher=copy.deepcopy(model)")
 
 
@@ -537,7 +538,7 @@ def _run_batches(model, loader, optimizer, loss_fn, teacher, distill, mask_list,
     finally:
         bar.close()
     if tally.batches == 0:
-        raise ValueError(f"{desc}: the training loader yielded no batches")
+        raise BadInputError(f"{desc}: the training loader yielded no batches")
     return tally.result(time.perf_counter() - t0)
 
 
@@ -550,9 +551,9 @@ def _check_finetune_args(model: Any, epochs: Any, max_batches: int | None, teach
     if not isinstance(model, nn.Module):
         raise TypeError(f"finetune expects a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
-        raise ValueError(f"epochs must be a non-negative int, got {epochs!r}")
+        raise BadInputError(f"epochs must be a non-negative int, got {epochs!r}")
     if max_batches is not None and max_batches < 1:
-        raise ValueError(f"max_batches must be positive, got {max_batches}")
+        raise BadInputError(f"max_batches must be positive, got {max_batches}")
     if teacher is not None:
         _check_teacher(teacher, model)
         _check_distill_settings(temperature, distill_weight)
@@ -563,7 +564,7 @@ def _checked_milestones(epochs: int, milestones: list[int] | None) -> list[int]:
         return [m for m in (epochs // 2, 3 * epochs // 4) if m > 0]
     milestones = [int(m) for m in milestones]
     if any(m < 1 for m in milestones):
-        raise ValueError(f"milestones are numbers of epochs after which the LR decays; they must be >= 1, "
+        raise BadInputError(f"milestones are numbers of epochs after which the LR decays; they must be >= 1, "
                          f"got {milestones}")
     return milestones
 
@@ -728,7 +729,7 @@ def finetune(
     milestones = _checked_milestones(epochs, milestones)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError("the model has no trainable parameters")
+        raise BadInputError("the model has no trainable parameters")
     if device is not None:
         model.to(device)
     dev = torch.device(device) if device is not None else module_device(model)
@@ -774,7 +775,7 @@ def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
-        raise ValueError(f"the checkpoint {str(path)!r} does not fit this model (another architecture?): {exc}; "
+        raise BadInputError(f"the checkpoint {str(path)!r} does not fit this model (another architecture?): {exc}; "
                          "delete it or pass resume=False") from exc
     optimizer.load_state_dict(ckpt["optimizer"])
     sched = dict(ckpt["scheduler"])

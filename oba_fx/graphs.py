@@ -19,6 +19,7 @@ import networkx as nx
 import numpy as np
 
 from .spaces import Coupling
+from oba_fx.errors import BadInputError
 
 
 def coupling_graph(c: Coupling) -> nx.Graph:
@@ -107,5 +108,5 @@ def write_graph(G: nx.Graph, path: str | Path) -> Path:
     elif fmt in ("png", "svg"):
         draw(G, path)
     else:
-        raise ValueError(f"cannot write a graph as {path.name!r}: use a .dot, .graphml, .json, .png or .svg path")
+        raise BadInputError(f"cannot write a graph as {path.name!r}: use a .dot, .graphml, .json, .png or .svg path")
     return path

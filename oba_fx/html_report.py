@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 from .pictures.curves import history_rows
 from .pictures.removed import removed_rows
+from oba_fx.errors import BadInputError
 
 CSS = """body{font-family:sans-serif;margin:24px;color:#222;max-width:1800px}
 table{border-collapse:collapse;margin:8px 0 18px}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}
@@ -30,7 +31,7 @@ figcaption{font-size:13px;color:#555}img{max-width:none;border:1px solid #eee}
 def png_size(data: bytes) -> tuple[int, int]:
     """Width and height of a PNG from its header."""
     if data[:8] != b"\x89PNG\r\n\x1a\n":
-        raise ValueError("not a PNG file")
+        raise BadInputError("not a PNG file")
     return struct.unpack(">II", data[16:24])
 
 

@@ -70,6 +70,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.autograd.forward_ad as fwAD
 from torch.func import functional_call, grad_and_value, jvp, vjp
+from oba_fx.errors import BadInputError
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +92,10 @@ def check_hessian(hessian: str) -> str:
         >>> check_hessian("gauss_newton")
         Traceback (most recent call last):
         ...
-        ValueError: unknown hessian 'gauss_newton'; expected one of ('functional', 'full')
+        oba_fx.errors.BadInputError: unknown hessian 'gauss_newton'; expected one of ('functional', 'full')
     """
     if hessian not in HESSIAN_MODES:
-        raise ValueError(f"unknown hessian {hessian!r}; expected one of {HESSIAN_MODES}")
+        raise BadInputError(f"unknown hessian {hessian!r}; expected one of {HESSIAN_MODES}")
     return hessian
 
 

@@ -28,6 +28,7 @@ import torch.nn as nn
 from .hvp import (HVPResult, LossFn, check_hessian, default_loss_fn, fused_fn, math_attention, split_state,
                   trainable_param_names)
 from .hvp_simplify import simplify_hvp_graph
+from oba_fx.errors import BadInputError
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ class HVPProgram:
 
     def __call__(self, model: nn.Module, x: Any, y: Any) -> HVPResult:
         if not self.matches(model, x, y):
-            raise ValueError("this HVP program was generated for other input shapes or another train/eval mode; "
+            raise BadInputError("this HVP program was generated for other input shapes or another train/eval mode; "
                              "check program.matches(model, x, y) or generate a new one")
         with torch.no_grad():
             out = self.graph_module(*self.inputs(model, x, y))

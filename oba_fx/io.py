@@ -49,6 +49,7 @@ from typing import Any
 import torch
 import torch.fx
 import torch.nn as nn
+from oba_fx.errors import BadInputError
 
 __all__ = ["FORMAT", "VERSION", "load", "save"]
 
@@ -112,7 +113,7 @@ def save(gm: torch.fx.GraphModule, path: str | os.PathLike) -> Path:
                         f"{type(gm).__name__}; for other modules use torch.save(model.state_dict(), path)")
     bad = _unimportable(gm)
     if bad:
-        raise ValueError("cannot save a module that refers to classes or functions defined inside a function "
+        raise BadInputError("cannot save a module that refers to classes or functions defined inside a function "
                          "(no program could import them to load it): " + "; ".join(bad)
                          + ". Define them at module level.")
     main = _main_refs(gm)
@@ -140,7 +141,7 @@ def save(gm: torch.fx.GraphModule, path: str | os.PathLike) -> Path:
     try:
         atomic_save(payload, path)
     except (pickle.PicklingError, AttributeError, TypeError) as exc:
-        raise ValueError(f"cannot save to {str(path)!r}: the module or gm.meta holds something that cannot be "
+        raise BadInputError(f"cannot save to {str(path)!r}: the module or gm.meta holds something that cannot be "
                          f"pickled: {exc}") from exc
     logger.info("saved GraphModule (%d parameters) to %s",
                 sum(p.numel() for p in gm.parameters()), path)
@@ -209,13 +210,13 @@ def load(path: str | os.PathLike, *, map_location: Any = None) -> torch.fx.Graph
         return obj
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         what = f"a dict with keys {sorted(map(str, obj))[:6]}" if isinstance(obj, dict) else type(obj).__name__
-        raise ValueError(f"{str(path)!r} holds {what}, not a module saved by oba_fx.io.save")
+        raise BadInputError(f"{str(path)!r} holds {what}, not a module saved by oba_fx.io.save")
     if obj.get("version", 0) > VERSION:
-        raise ValueError(f"{str(path)!r} has format version {obj['version']}; this oba_fx reads version "
+        raise BadInputError(f"{str(path)!r} has format version {obj['version']}; this oba_fx reads version "
                          f"{VERSION} or older: upgrade oba_fx")
     gm = obj["graph_module"]
     if not isinstance(gm, nn.Module):
-        raise ValueError(f"{str(path)!r}: 'graph_module' holds a {type(gm).__name__}, not a module")
+        raise BadInputError(f"{str(path)!r}: 'graph_module' holds a {type(gm).__name__}, not a module")
     gm.meta = obj.get("meta", {})
     gm.training = bool(obj.get("training", gm.training))
     if obj.get("torch_version") != torch.__version__:

@@ -22,6 +22,7 @@ from .ops import FlopCtx, count_flops, rule_for_node, shape_of
 from .pictures.common import module_path
 from .select import Selection, Target
 from .spaces import Coupling
+from oba_fx.errors import BadInputError
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,15 @@ def compose_kept(first: dict, second: dict) -> dict:
     return out
 
 
+def compensation_summary(comp) -> dict | None:
+    """The report's view of a :class:`oba_fx.compensate.Compensation` (``None``: none ran)."""
+    if comp is None:
+        return None
+    return {"layers_refit": len(comp.fits), "layers_skipped": [f"{s.node}: {s.reason}" for s in comp.skipped],
+            "images": comp.images, "scope": comp.scope, "positions": comp.positions, "ridge": comp.ridge,
+            "output_rel_error": comp.output_rel_error, "seconds": comp.seconds}
+
+
 def merge_steps(first: dict, last: dict, kept: dict, removed: int, steps: int) -> dict:
     """The report of a multi-step run: ``last``'s, with the before-numbers of ``first``, the
     composed kept indices and the total of removed units."""
@@ -164,7 +174,7 @@ def _analysed(gm: torch.fx.GraphModule, example_inputs: Any) -> torch.fx.GraphMo
     g = clone(gm)
     if any(TENSOR_META not in n.meta for n in g.graph.nodes if n.op != "output"):
         if example_inputs is None:
-            raise ValueError("the graph has no shapes (tensor_meta): pass example_inputs=, or analysis= (the "
+            raise BadInputError("the graph has no shapes (tensor_meta): pass example_inputs=, or analysis= (the "
                              "original model analysed by oba_fx.passes.pipeline.analyze_model)")
         propagate_shapes(g, as_tuple(example_inputs))
     g.meta[COUPLING] = analyze(g)
@@ -251,7 +261,7 @@ def write(gm: torch.fx.GraphModule, directory: str | Path, *, analysis: torch.fx
 
     report = gm.meta.get(REPORT)
     if report is None:
-        raise ValueError("gm has no report (gm.meta['oba']): pass the GraphModule oba_fx.prune_graph returned")
+        raise BadInputError("gm has no report (gm.meta['oba']): pass the GraphModule oba_fx.prune_graph returned")
     analysis = analysis if analysis is not None else _analysed(gm, example_inputs)
     images = write_pictures(analysis, report, directory, name, history)
     notes = [f"{name}: pictures drawn in {report['picture_seconds']} seconds."]

@@ -13,20 +13,22 @@ Example:
 
 from __future__ import annotations
 
+from oba_fx.errors import BadInputError
+
 
 def channel_ceiling(retained: float) -> float:
     """The removed-channel fraction the schedule aims at for a retained fraction ``retained``."""
     if not 0.0 < retained <= 1.0:
-        raise ValueError(f"retained fraction must be in (0, 1], got {retained}")
+        raise BadInputError(f"retained fraction must be in (0, 1], got {retained}")
     return round(1.0 - 0.9 * retained, 12)
 
 
 def exponential_schedule(p: float, steps: int) -> list[float]:
     """Cumulative removed fractions ``p_1 .. p_N`` (``p_N == p``)."""
     if steps < 1 or int(steps) != steps:
-        raise ValueError(f"steps must be a positive integer, got {steps}")
+        raise BadInputError(f"steps must be a positive integer, got {steps}")
     if not 0.0 <= p < 1.0:
-        raise ValueError(f"the removed fraction must be in [0, 1), got {p}")
+        raise BadInputError(f"the removed fraction must be in [0, 1), got {p}")
     return [1.0 - (1.0 - p) ** (t / steps) for t in range(1, steps + 1)]
 
 

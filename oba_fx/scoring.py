@@ -37,6 +37,7 @@ from .checks import check_finite_scores, check_inputs_usable
 from .criteria import criterion_names, get_criterion
 from .criteria.context import ScoreContext
 from .hvp import HESSIAN_MODES, LossFn, check_hessian
+from oba_fx.errors import BadInputError
 
 log = logging.getLogger(__name__)
 
@@ -107,14 +108,14 @@ oba, taylor, obd_fisher, obd_hutchinson, obs (or register your own with oba_fx.c
     crit = get_criterion(criterion)
     check_hessian(hessian)
     if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+        raise BadInputError(f"unknown mode {mode!r}; expected one of {MODES}")
     ctx = ScoreContext.for_model(model, loss_fn=loss_fn, hessian=hessian, first_order=first_order, probes=probes,
                                  seed=seed, example_inputs=example_inputs)
     fn = crit.resolve()
     if not crit.needs_data:
         return _like_params(model, fn(ctx))
     if data is None:
-        raise ValueError(
+        raise BadInputError(
             f"criterion {criterion!r} needs calibration data: pass data=<iterable of (inputs, targets)>, "
             f"or use a data-free criterion ({', '.join(criterion_names(needs_data=False))})")
     device = next(iter(ctx.params.values())).device if ctx.params else torch.device("cpu")
@@ -136,7 +137,7 @@ oba, taylor, obd_fisher, obd_hutchinson, obs (or register your own with oba_fx.c
             out = fn(ctx, batches())
             check_finite_scores(out, f"criterion {criterion!r}")
     if seen[0] == 0:
-        raise ValueError("no batches: `data` yielded nothing (or max_batches=0)")
+        raise BadInputError("no batches: `data` yielded nothing (or max_batches=0)")
     log.info("scored %d batches", seen[0])
     return _like_params(model, out)
 

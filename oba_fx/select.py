@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .spaces import Coupling
+from oba_fx.errors import BadInputError
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def unit_scores(c: Coupling, param_scores: Mapping[str, torch.Tensor], ranking: 
     groups).
     """
     if ranking not in RANKINGS:
-        raise ValueError(f"unknown ranking {ranking!r}; expected one of {RANKINGS}")
+        raise BadInputError(f"unknown ranking {ranking!r}; expected one of {RANKINGS}")
     if any(isinstance(k, tuple) for k in param_scores):
         out = _space_cost_scores(c, param_scores)
         ok = ~np.isnan(out)
@@ -72,7 +73,7 @@ def unit_scores(c: Coupling, param_scores: Mapping[str, torch.Tensor], ranking: 
         ok = ~np.isnan(out)
     if ranking == "per_flop":
         if unit_cost is None:
-            raise ValueError("ranking='per_flop' needs unit_cost (the FLOPs each unit's removal saves)")
+            raise BadInputError("ranking='per_flop' needs unit_cost (the FLOPs each unit's removal saves)")
         cost = np.asarray(unit_cost, dtype=np.float64)[ok]
         out[ok] = out[ok] / np.maximum(cost, 1.0)
     elif ranking == "group_max":
@@ -221,7 +222,7 @@ def choose(order: np.ndarray, n_units: int, measure: Callable[[np.ndarray], floa
 
     if measure(mask(len(order))) > target:
         best = measure(mask(len(order)))
-        raise ValueError(
+        raise BadInputError(
             f"target unreachable: removing every removable unit ({len(order)}) still leaves "
             f"{best:.4g} > target {target:.4g}. Ways out: a larger target, a higher max_layer_ratio, "
             "fewer ignored modules, or look at compiled.meta['oba']['barriers'] for ops that block pruning"
@@ -259,18 +260,18 @@ class Target:
 
     def __post_init__(self) -> None:
         if self.ranking not in RANKINGS:
-            raise ValueError(f"ranking must be one of {RANKINGS}, got {self.ranking!r}")
+            raise BadInputError(f"ranking must be one of {RANKINGS}, got {self.ranking!r}")
         if self.kind not in ("flops", "params", "channels"):
-            raise ValueError(f"target kind must be 'flops', 'params' or 'channels', got {self.kind!r}")
+            raise BadInputError(f"target kind must be 'flops', 'params' or 'channels', got {self.kind!r}")
         v = self.value
         if self.kind == "channels" and not 0.0 <= v < 1.0:
-            raise ValueError(f"channel_ratio is the fraction of prunable channels removed and must be in [0, 1), got {v}")
+            raise BadInputError(f"channel_ratio is the fraction of prunable channels removed and must be in [0, 1), got {v}")
         if self.kind != "channels" and not 0.0 < v <= 1.0:
-            raise ValueError(f"target_{self.kind} is the retained fraction and must be in (0, 1], got {v}")
+            raise BadInputError(f"target_{self.kind} is the retained fraction and must be in (0, 1], got {v}")
         if not 0.0 < self.max_layer_ratio < 1.0:
-            raise ValueError(f"max_layer_ratio must be in (0, 1), got {self.max_layer_ratio}")
+            raise BadInputError(f"max_layer_ratio must be in (0, 1), got {self.max_layer_ratio}")
         if int(self.round_to) != self.round_to or self.round_to < 1:
-            raise ValueError(f"round_to must be a positive integer, got {self.round_to}")
+            raise BadInputError(f"round_to must be a positive integer, got {self.round_to}")
 
 
 def count_params(gm: torch.nn.Module, c: Coupling, removed: np.ndarray | None = None) -> int:
@@ -319,7 +320,7 @@ def select(gm: torch.fx.GraphModule, c: Coupling, scores: Mapping[str, torch.Ten
     if target.kind == "channels":
         k = int(round(target.value * int(c.prunable.sum()))) if max_units is None else len(order)
         if k > len(order):
-            raise ValueError(
+            raise BadInputError(
                 f"channel_ratio={target.value} asks for {k} channels but only {len(order)} can go under "
                 f"max_layer_ratio={target.max_layer_ratio} and min_channels={target.min_channels}; lower the ratio, "
                 "raise max_layer_ratio or lower min_channels")

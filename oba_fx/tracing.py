@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from . import attention
 from .errors import TraceError
+from oba_fx.errors import BadInputError
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
@@ -105,7 +106,7 @@ def check_inputs(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Non
     n_ph = [n for n in gm.graph.nodes if n.op == "placeholder"]
     required = [n for n in n_ph if not n.args]
     if len(example_inputs) < len(required) or len(example_inputs) > len(n_ph):
-        raise ValueError(
+        raise BadInputError(
             f"example_inputs has {len(example_inputs)} positional input(s), but the traced model takes "
             f"{len(required)} to {len(n_ph)} ({', '.join(n.name for n in n_ph)}); pass a tuple with one "
             "tensor per forward() argument")

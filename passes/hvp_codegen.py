@@ -11,6 +11,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from oba_fx import meta as M
 from oba_fx.hvp import LossFn, check_hessian
 from oba_fx.hvp_program import build_hvp_program
+from oba_fx.errors import BadInputError
 
 
 class HVPCodegen(PassBase):
@@ -60,10 +61,10 @@ class HVPCodegen(PassBase):
     def _batch_from_meta(self, gm: torch.fx.GraphModule) -> tuple[Any, Any]:
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         if len(placeholders) != 1:
-            raise ValueError(f"HVPCodegen needs example_batch=(x, y) for a graph with {len(placeholders)} inputs")
+            raise BadInputError(f"HVPCodegen needs example_batch=(x, y) for a graph with {len(placeholders)} inputs")
         tm = M.node_meta(placeholders[0], M.TENSOR_META)
         if self.loss_fn is not None:
-            raise ValueError("HVPCodegen needs example_batch=(x, y) when a custom loss_fn is given "
+            raise BadInputError("HVPCodegen needs example_batch=(x, y) when a custom loss_fn is given "
                              "(the target's shape is unknown)")
         x = torch.zeros(tuple(tm.shape), dtype=tm.dtype)
         y = torch.zeros(tm.shape[0], dtype=torch.long)

@@ -1,7 +1,7 @@
 """The one place that runs the passes in order.
 
 ``trace -> shapes -> coupling -> Hessian structure`` (:func:`analyze_model`), then per pruning
-step ``scores -> select -> slim -> verify`` (:func:`prune_step`), steps on the exponential
+step ``scores -> select -> compensate -> slim -> verify`` (:func:`prune_step`), steps on the exponential
 schedule (:func:`run`), then BatchNorm recalibration of the result. The public API
 (:func:`oba_fx.prune_graph`, :func:`oba_fx.explain`, ...) parses arguments into a
 :class:`PruneConfig` and calls this module; nothing else orders the passes.
@@ -29,12 +29,13 @@ from oba_fx import meta as M
 from oba_fx.attention import has_lowered_attention
 from oba_fx.masking import masked_reference
 from oba_fx.ops import count_flops
-from oba_fx.report import build_report, compose_kept, merge_steps
+from oba_fx.report import build_report, compensation_summary, compose_kept, merge_steps
 from oba_fx.schedule import channel_ceiling, exponential_schedule, units_this_step
 from oba_fx.select import Target
 from oba_fx.tracing import check_inputs, trace
 
 from .bn_recalibration import BNRecalibrationPass
+from .compensate import CompensatePass
 from .coupling import CouplingPass
 from .hessian_structure import HessianStructurePass
 from .score import ScorePass
@@ -60,6 +61,9 @@ class PruneConfig:
         steps: rescored pruning steps (1: one-shot).
         verify: check every step's slimmed network against the masked original.
         rtol: that check's tolerance, relative to the largest output magnitude.
+        compensation: options of :class:`~oba_fx.passes.compensate.CompensatePass` (``scope``,
+            ``positions``, ``ridge``...) to re-fit, after each selection, the layers reading
+            removed units on ``data``; ``None``: no compensation.
         bn_recalibration: re-estimate BatchNorm statistics on ``data`` at the end.
         progress: progress bars.
         analysis: options of :func:`analyze_model` (``leaf_modules``, ``concrete_args``,
@@ -74,6 +78,7 @@ class PruneConfig:
     steps: int = 1
     verify: bool = True
     rtol: float = 1e-4
+    compensation: Mapping[str, Any] | None = None
     bn_recalibration: bool = True
     progress: bool = True
     analysis: Mapping[str, Any] = field(default_factory=dict)
@@ -102,15 +107,21 @@ def analyze_model(model: torch.nn.Module, example_inputs: Sequence[Any], *, leaf
 
 def prune(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], scores: Mapping[str, torch.Tensor] | None,
           target: Target, *, verify: bool = True, rtol: float = 1e-4, max_units: int | None = None,
-          absolute: float | None = None) -> torch.fx.GraphModule:
-    """Select, slim and verify an analysed graph; returns the slimmed GraphModule with its report.
+          absolute: float | None = None, compensate: CompensatePass | None = None) -> torch.fx.GraphModule:
+    """Select, (compensate,) slim and verify an analysed graph; returns the slimmed GraphModule
+    with its report.
 
     ``scores`` (per parameter) are stored as ``gm.meta["oba.scores"]``; with ``None`` the scores
-    a :class:`~oba_fx.passes.score.ScorePass` already wrote are used.
+    a :class:`~oba_fx.passes.score.ScorePass` already wrote are used. ``compensate`` re-fits the
+    layers that read removed units before slimming, so verification checks slimmed ==
+    compensated-masked.
     """
     if scores is not None:
         gm.meta[M.SCORES] = scores
     SelectPass(target, max_units, absolute)(gm)
+    if compensate is not None:
+        compensate(gm)
+    comp = gm.meta.get(M.COMPENSATION)
     sel, c = gm.meta[M.SELECTION], gm.meta[M.COUPLING]
     out = SlimPass(example_inputs)(gm).graph_module
     if verify:
@@ -120,6 +131,7 @@ def prune(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], scores: Mappi
     for n in out.graph.nodes:
         n.meta.pop(M.SPACES, None)
     out.meta[M.REPORT] = build_report(gm, out, c, sel, target, err)
+    out.meta[M.REPORT]["compensation"] = compensation_summary(comp)
     return out
 
 
@@ -128,8 +140,12 @@ def prune_step(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], config: 
     """One step on an analysed graph: score with the configured criterion, then :func:`prune`."""
     ScorePass(config.criterion, config.data, max_batches=config.max_batches, progress=config.progress,
               **config.score_options)(gm)
+    comp = None
+    if config.compensation is not None and config.data is not None:
+        comp = CompensatePass(config.data, max_batches=config.max_batches, progress=config.progress,
+                              **config.compensation)
     return prune(gm, example_inputs, None, config.target, verify=config.verify, rtol=config.rtol,
-                 max_units=max_units, absolute=absolute)
+                 max_units=max_units, absolute=absolute, compensate=comp)
 
 
 def run(model: torch.nn.Module, example_inputs: Sequence[Any], config: PruneConfig) -> torch.fx.GraphModule:

@@ -8,6 +8,7 @@ import torch.fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from oba_fx.tracing import propagate_shapes, root_cause
+from oba_fx.errors import BadInputError
 
 
 class ShapePropPass(PassBase):
@@ -35,7 +36,7 @@ class ShapePropPass(PassBase):
             shapes = [tuple(x.shape) if hasattr(x, "shape") else type(x).__name__ for x in self.example_inputs]
             cause = root_cause(e)
             where = next((n for n in gm.graph.nodes if n.op != "placeholder" and "tensor_meta" not in n.meta), None)
-            raise ValueError(
+            raise BadInputError(
                 f"the example inputs (shapes {shapes}) do not fit the model: at node {getattr(where, 'name', '?')!r} "
                 f"({getattr(where, 'target', '?')}): {type(cause).__name__}: {cause}. "
                 "Pass example_inputs the model's forward() accepts, e.g. torch.randn(1, 3, 224, 224) "

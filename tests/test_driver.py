@@ -100,13 +100,25 @@ def test_min_channels_is_honoured():
 def test_bn_recalibration_uses_the_calibration_inputs():
     x = torch.randn(16, 3, 8, 8) * 3 + 2
     data = [(x, torch.zeros(16, dtype=torch.long))]
-    plain = oba_fx.prune_graph(_cnn(), x[:2], channel_ratio=0.25, data=data, bn_recalibration=False)
-    recal = oba_fx.prune_graph(_cnn(), x[:2], channel_ratio=0.25, data=data)
+    plain = oba_fx.prune_graph(_cnn(), x[:2], channel_ratio=0.25, data=data, compensate=False,
+                               bn_recalibration=False)
+    recal = oba_fx.prune_graph(_cnn(), x[:2], channel_ratio=0.25, data=data, compensate=False)
     assert recal.meta["oba"]["bn_recalibrated"] and not plain.meta["oba"]["bn_recalibrated"]
     kept = recal.meta["oba"]["kept"]["0.weight"][0]
     mean = _cnn()[0](x).mean(dim=(0, 2, 3))[kept]
     assert torch.allclose(recal.get_submodule("1").running_mean, mean, atol=1e-5)
     assert not torch.allclose(plain.get_submodule("1").running_mean, mean, atol=1e-2)
+
+
+def test_with_data_compensation_is_on_and_recalibration_off_by_default():
+    x = torch.randn(16, 3, 8, 8) * 3 + 2
+    data = [(x, torch.zeros(16, dtype=torch.long))]
+    out = oba_fx.prune_graph(_cnn(), x[:2], channel_ratio=0.25, data=data, verbose=False)
+    r = out.meta["oba"]
+    assert r["compensation"]["layers_refit"] >= 1 and not r["bn_recalibrated"]
+    assert oba_fx.prune_graph(_cnn(), x[:2], channel_ratio=0.25).meta["oba"]["compensation"] is None
+    with pytest.raises(ValueError, match="compensate=True re-fits layers on calibration inputs"):
+        oba_fx.prune_graph(_cnn(), x[:2], channel_ratio=0.25, compensate=True)
 
 
 def test_result_keeps_the_models_train_mode():

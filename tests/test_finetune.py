@@ -330,7 +330,7 @@ def test_train_epoch_on_an_empty_loader_says_so():
         train_epoch(model, [], torch.optim.SGD(model.parameters(), lr=0.1), progress=False)
 
 
-def test_cli_distils_from_the_dense_model_before_pruning(data_dir, monkeypatch, capsys):
+def test_cli_distils_from_the_dense_model_before_pruning(data_dir, monkeypatch, capsys, tmp_path):
     import sys
 
     from oba_fx.cli import main
@@ -346,7 +346,8 @@ def test_cli_distils_from_the_dense_model_before_pruning(data_dir, monkeypatch, 
 
     monkeypatch.setattr(ft, "finetune", spy)
     common = ["prune", "--model", "resnet20", "--data", str(data_dir), "--test-limit", "50", "--calib-batches", "1",
-              "--train-limit", "64", "--finetune-epochs", "1", "--no-bn-recal", "--quiet"]
+              "--train-limit", "64", "--finetune-epochs", "1", "--bn-recal", "off", "--quiet",
+              "--out", str(tmp_path / "r20.pt")]
     assert main(common + ["--distill-weight", "0.5"]) == 0
     dense = get_model("resnet20", weights=str(data_dir / "weights" / "resnet20-12fca82f.th")).state_dict()
     teacher = calls[0]["teacher"].state_dict()

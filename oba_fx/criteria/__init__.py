@@ -48,13 +48,13 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..errors import OBAError
+from ..errors import BadInputError
 
 __all__ = ["Criterion", "UnknownCriterionError", "register_criterion", "unregister_criterion", "get_criterion",
            "criterion_names", "REGISTRY"]
 
 
-class UnknownCriterionError(OBAError, ValueError):
+class UnknownCriterionError(BadInputError):
     """A criterion name that is not in the registry."""
 
 
@@ -117,9 +117,9 @@ def register_criterion(name: str, fn: Callable[..., Any] | str | None = None, *,
         ValueError: ``name`` is taken (and ``replace`` is false) or is not a plain identifier.
     """
     if not isinstance(name, str) or not name.replace("-", "_").isidentifier():
-        raise ValueError(f"criterion name must be an identifier such as 'my_score', got {name!r}")
+        raise BadInputError(f"criterion name must be an identifier such as 'my_score', got {name!r}")
     if name in REGISTRY and not replace:
-        raise ValueError(f"criterion {name!r} is already registered; pick another name or pass replace=True")
+        raise BadInputError(f"criterion {name!r} is already registered; pick another name or pass replace=True")
 
     def add(f: Callable[..., Any] | str) -> Criterion:
         c = Criterion(name, f, bool(needs_data), bool(needs_hvp), description, bool(per_batch), ranking)

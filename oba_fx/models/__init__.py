@@ -46,6 +46,7 @@ from .cifar_resnet import (
 )
 from .vit_cifar import ViTCifar, load_vit_cifar, vit_cifar
 from .wide import VGGCifar, vgg19_bn_cifar, wide_resnet32
+from oba_fx.errors import BadInputError
 
 __all__ = [
     "BasicBlock",
@@ -129,7 +130,7 @@ def get_model(name: str, num_classes: int = 10, weights: str | os.PathLike | Non
         if name not in tv_names:
             close = difflib.get_close_matches(name, list(_CIFAR_MODELS) + tv_names, n=5, cutoff=0.5)
             hint = f" Did you mean: {', '.join(close)}?" if close else ""
-            raise ValueError(
+            raise BadInputError(
                 f"unknown model name {name!r}.{hint} "
                 "List all names with oba_fx.models.list_models()."
             )
@@ -150,7 +151,7 @@ def _extract_state_dict(obj: object, path: str) -> Mapping[str, torch.Tensor]:
     if isinstance(obj, nn.Module):
         return obj.state_dict()
     if not isinstance(obj, Mapping):
-        raise ValueError(f"checkpoint {path!r} holds a {type(obj).__name__}, not a state_dict")
+        raise BadInputError(f"checkpoint {path!r} holds a {type(obj).__name__}, not a state_dict")
     for key in ("state_dict", "model_state_dict", "model"):
         inner = obj.get(key)
         if isinstance(inner, Mapping):
@@ -193,7 +194,7 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = Tr
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle / zip errors differ by torch version
-        raise ValueError(f"could not read checkpoint {path!r}: {exc}") from exc
+        raise BadInputError(f"could not read checkpoint {path!r}: {exc}") from exc
     sd = _extract_state_dict(obj, path)
     sd = OrderedDict((k.removeprefix("module."), v) for k, v in sd.items())
     result = model.load_state_dict(sd, strict=strict)

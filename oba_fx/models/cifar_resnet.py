@@ -30,6 +30,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from oba_fx.errors import BadInputError
 
 __all__ = [
     "BasicBlock",
@@ -67,7 +68,7 @@ class BasicBlock(nn.Module):
     def __init__(self, in_planes: int, planes: int, stride: int = 1, shortcut: str = "A") -> None:
         super().__init__()
         if shortcut not in ("A", "B"):
-            raise ValueError(f"shortcut must be 'A' or 'B', got {shortcut!r}")
+            raise BadInputError(f"shortcut must be 'A' or 'B', got {shortcut!r}")
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
@@ -78,7 +79,7 @@ class BasicBlock(nn.Module):
         if stride != 1 or in_planes != planes:
             if shortcut == "A":
                 if stride != 2 or in_planes + 2 * (planes // 4) != planes:
-                    raise ValueError(
+                    raise BadInputError(
                         "option-A shortcut needs stride 2 and planes == 2 * in_planes, "
                         f"got in_planes={in_planes}, planes={planes}, stride={stride}"
                     )
@@ -127,9 +128,9 @@ class CifarResNet(nn.Module):
     ) -> None:
         super().__init__()
         if depth < 8 or (depth - 2) % 6 != 0:
-            raise ValueError(f"depth must be 6n+2 with n >= 1 (20, 32, 44, 56, 110, ...), got {depth}")
+            raise BadInputError(f"depth must be 6n+2 with n >= 1 (20, 32, 44, 56, 110, ...), got {depth}")
         if len(widths) != 3:
-            raise ValueError(f"widths must have 3 entries, got {tuple(widths)}")
+            raise BadInputError(f"widths must have 3 entries, got {tuple(widths)}")
         n = (depth - 2) // 6
         self.depth = depth
         self.in_planes = widths[0]

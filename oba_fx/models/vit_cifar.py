@@ -40,6 +40,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from oba_fx.errors import BadInputError
 
 __all__ = ["Attention", "Block", "MLP", "ViTCifar", "load_vit_cifar", "vit_cifar"]
 
@@ -69,7 +70,7 @@ class Attention(nn.Module):
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
         if dim % heads:
-            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+            raise BadInputError(f"dim {dim} is not divisible by heads {heads}")
         self.num_heads = heads
         self.head_dim = dim // heads
         self.qkv = nn.Linear(dim, 3 * dim)
@@ -164,7 +165,7 @@ class ViTCifar(nn.Module):
     ) -> None:
         super().__init__()
         if image_size % patch:
-            raise ValueError(f"patch {patch} does not divide image_size {image_size}")
+            raise BadInputError(f"patch {patch} does not divide image_size {image_size}")
         self.config: dict[str, int] = dict(
             image_size=image_size, patch=patch, dim=dim, depth=depth, heads=heads,
             mlp_dim=mlp_dim, num_classes=num_classes, in_chans=in_chans,
@@ -255,13 +256,13 @@ def load_vit_cifar(path: str | os.PathLike) -> ViTCifar:
         raise FileNotFoundError(f"checkpoint file not found: {path!r}")
     obj = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(obj, Mapping):
-        raise ValueError(f"checkpoint {path!r} holds a {type(obj).__name__}, not a dict")
+        raise BadInputError(f"checkpoint {path!r} holds a {type(obj).__name__}, not a dict")
     name = obj.get("model", "vit_cifar")
     if isinstance(name, str) and name != "vit_cifar":
-        raise ValueError(f"checkpoint {path!r} is for model {name!r}, not 'vit_cifar'")
+        raise BadInputError(f"checkpoint {path!r} is for model {name!r}, not 'vit_cifar'")
     sd = obj.get("state_dict", obj)
     if not isinstance(sd, Mapping):
-        raise ValueError(f"checkpoint {path!r} holds no state_dict")
+        raise BadInputError(f"checkpoint {path!r} holds no state_dict")
     config = dict(obj.get("config") or {})
     model = ViTCifar(**config)
     model.load_state_dict({k.removeprefix("module."): v for k, v in sd.items()})

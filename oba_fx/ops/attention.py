@@ -27,6 +27,7 @@ from .. import attention as _attn
 from ..spaces import EMPTY, Space, TensorSpaces
 from .base import Ctx, FlopCtx, OpRule, numel, register, shape_of, tensor_spaces  # noqa: F401
 from .generic import broadcast_dim
+from oba_fx.errors import BadInputError
 
 
 def _tie_or_pin(ctx: Ctx, *spaces: Space | None) -> Space | None:
@@ -142,20 +143,20 @@ SDPA = register(
 def _einsum_terms(ctx_node: torch.fx.Node) -> tuple[list[str], str, list[torch.fx.Node]]:
     eq = ctx_node.args[0]
     if not isinstance(eq, str):
-        raise ValueError("the equation is not a string")
+        raise BadInputError("the equation is not a string")
     eq = eq.replace(" ", "")
     ops = list(ctx_node.args[1:])
     if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
         ops = list(ops[0])
     if "->" not in eq or "." in eq:
-        raise ValueError("implicit output or '...' in the equation")
+        raise BadInputError("implicit output or '...' in the equation")
     ins, out = eq.split("->")
     terms = ins.split(",")
     if len(terms) != len(ops) or not all(isinstance(a, torch.fx.Node) for a in ops):
-        raise ValueError("operands are not all tensors")
+        raise BadInputError("operands are not all tensors")
     for t in terms + [out]:
         if len(set(t)) != len(t):
-            raise ValueError(f"repeated index in {t!r} (a diagonal)")
+            raise BadInputError(f"repeated index in {t!r} (a diagonal)")
     return terms, out, ops
 
 

@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from .. import meta as M
 from ..spaces import EMPTY, Builder, Space, TensorSpaces, AnalysisState
+from oba_fx.errors import BadInputError
 
 
 # ============================================================================ the rule type
@@ -72,10 +73,10 @@ class OpRule:
         try:
             object.__setattr__(self, "curvature", Curvature(self.curvature))
         except ValueError:
-            raise ValueError(f"op rule {self.name!r}: unknown curvature {self.curvature!r}; expected one of "
+            raise BadInputError(f"op rule {self.name!r}: unknown curvature {self.curvature!r}; expected one of "
                              f"{[c.value for c in Curvature]}") from None
         if self.renormalises not in (None, "layer", "rms"):
-            raise ValueError(f"op rule {self.name!r}: renormalises must be None, 'layer' or 'rms', "
+            raise BadInputError(f"op rule {self.name!r}: renormalises must be None, 'layer' or 'rms', "
                              f"got {self.renormalises!r}")
 
     def curvature_for(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> Curvature:
@@ -124,17 +125,17 @@ def register(rule: OpRule, modules: Iterable[type] = (), functions: Iterable[Any
         'twice'
     """
     if not isinstance(rule, OpRule):
-        raise ValueError(f"register expects an oba_fx.ops.OpRule, got {type(rule).__name__}")
+        raise BadInputError(f"register expects an oba_fx.ops.OpRule, got {type(rule).__name__}")
     keys = [(MODULE_RULES, m, "module class") for m in modules] + [(FUNCTION_RULES, f, "function") for f in functions]
     keys += [(METHOD_RULES, n, "method name") for n in methods]
     for table, key, what in keys:
         if what == "module class" and not (isinstance(key, type) and issubclass(key, nn.Module)):
-            raise ValueError(f"op rule {rule.name!r}: modules= takes nn.Module subclasses, got {key!r}")
+            raise BadInputError(f"op rule {rule.name!r}: modules= takes nn.Module subclasses, got {key!r}")
         if what == "method name" and not isinstance(key, str):
-            raise ValueError(f"op rule {rule.name!r}: methods= takes method names (str), got {key!r}")
+            raise BadInputError(f"op rule {rule.name!r}: methods= takes method names (str), got {key!r}")
         old = table.get(key)
         if old is not None and old is not rule and not replace:
-            raise ValueError(f"{what} {getattr(key, '__qualname__', key)!r} already has the op rule {old.name!r}; "
+            raise BadInputError(f"{what} {getattr(key, '__qualname__', key)!r} already has the op rule {old.name!r}; "
                              "pass replace=True to override it")
     for table, key, _ in keys:
         table[key] = rule

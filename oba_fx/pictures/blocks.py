@@ -28,6 +28,7 @@ import networkx as nx
 import numpy as np
 
 from .common import FONT, prefix, pyplot, save_figure, stage_map
+from oba_fx.errors import BadInputError
 
 #: cell code -> kind
 KINDS = ("zero", "self", "series", "parallel")
@@ -105,7 +106,7 @@ def block_matrix(H: nx.Graph, order: Sequence[str] | None = None, max_layers: in
     order = list(order) if order is not None else list(H.nodes)
     missing = set(H.nodes) - set(order)
     if missing:
-        raise ValueError(f"order lacks layers of the Hessian structure: {sorted(missing)[:5]}")
+        raise BadInputError(f"order lacks layers of the Hessian structure: {sorted(missing)[:5]}")
     codes = layer_codes(H, order)
     labels, depth = list(order), None
     if len(order) > max_layers:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Iterable
 
 import torch.fx
+from oba_fx.errors import BadInputError
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def save_figure(fig, path: str | Path) -> Path:
     """Write ``fig`` (PNG or SVG, by suffix) and close it."""
     path = Path(path)
     if path.suffix.lower() not in (".png", ".svg"):
-        raise ValueError(f"a picture is written as .png or .svg, got {path.name!r}")
+        raise BadInputError(f"a picture is written as .png or .svg, got {path.name!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI)
     pyplot().close(fig)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .common import FONT, pyplot, save_figure
+from oba_fx.errors import BadInputError
 
 
 def history_rows(history: Any) -> list[tuple[int, float, float | None]]:
@@ -24,7 +25,7 @@ def history_rows(history: Any) -> list[tuple[int, float, float | None]]:
     epochs, loss, acc = list(get("epochs")), list(get("train_loss")), list(get("eval_accuracy") or [])
     acc += [None] * (len(epochs) - len(acc))
     if len(loss) != len(epochs):
-        raise ValueError(f"history: {len(epochs)} epochs but {len(loss)} losses")
+        raise BadInputError(f"history: {len(epochs)} epochs but {len(loss)} losses")
     return list(zip(epochs, loss, acc))
 
 

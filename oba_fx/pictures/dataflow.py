@@ -53,6 +53,7 @@ from ..meta import COUPLING, SPACES, TENSOR_META
 from ..ops import is_size_value
 from ..spaces import Coupling, TensorSpaces
 from .common import module_path
+from oba_fx.errors import BadInputError
 
 #: module classes fused into the layer before them in pictures
 NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
@@ -163,7 +164,7 @@ def dataflow_graph(gm: torch.fx.GraphModule) -> nx.DiGraph:
     """
     c = gm.meta.get(COUPLING)
     if c is None:
-        raise ValueError("dataflow_graph needs an analysed graph (gm.meta['oba.coupling']): "
+        raise BadInputError("dataflow_graph needs an analysed graph (gm.meta['oba.coupling']): "
                          "use oba_fx.passes.pipeline.analyze_model(model, example_inputs)")
     barriers = {b.node: b.reason for b in c.barriers}
     G = nx.DiGraph(name="dataflow")

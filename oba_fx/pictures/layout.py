@@ -23,6 +23,7 @@ import math
 from dataclasses import dataclass
 
 import networkx as nx
+from oba_fx.errors import BadInputError
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,7 @@ def _sweep(columns: list[list], nbrs: list[dict], sweeps: int) -> None:
 def layered_layout(G: nx.DiGraph, max_columns: int = 20, sweeps: int = 4) -> Layout:
     """A :class:`Layout` of the DAG ``G`` (node order = tie-break order)."""
     if not nx.is_directed_acyclic_graph(G):
-        raise ValueError("layered_layout needs a directed acyclic graph")
+        raise BadInputError("layered_layout needs a directed acyclic graph")
     col = longest_path_columns(G)
     columns, nb, chains = _with_dummies(G, col)
     _sweep(columns, [nb["up"], nb["down"]], sweeps)

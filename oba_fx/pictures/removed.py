@@ -17,13 +17,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from .common import FONT, pyplot, save_figure, stage_map
+from oba_fx.errors import BadInputError
 
 
 def removed_rows(report: dict) -> list[tuple[str, str, int, int]]:
     """``(layer, unit, before, after)`` per layer in model order; attention heads as
     ``"<module> (heads)"`` right after that module's layers."""
     if "layers" not in report:
-        raise ValueError("the report has no per-layer sizes ('layers'): it was made by an older oba_fx; prune again")
+        raise BadInputError("the report has no per-layer sizes ('layers'): it was made by an older oba_fx; prune again")
     rows = [(name, unit, before, after) for name, (_, unit, before, after) in report["layers"].items()]
     for key, (before, after) in report.get("heads", {}).items():
         at = max((i for i, r in enumerate(rows) if r[0] == key or r[0].startswith(key + ".")), default=len(rows) - 1)
