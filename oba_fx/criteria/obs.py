@@ -11,9 +11,13 @@ Hessian at the layer's output, each row's error costs ``½ G_o`` per unit of squ
 
     ΔL(u) ≈ Σ_consumers ½ · P · Σ_o G_o · w_{o,S}ᵀ ((Σ⁻¹)_{SS})⁻¹ w_{o,S}
 
-per sample (``P`` the layer's output positions per sample). A group of a grouped convolution
-takes its outputs with it (nothing of the group is left to re-fit): its cost is the
-Fisher-weighted energy of those outputs, ``½ P Σ_{o∈group} G_o w_oᵀ Σ w_o``.
+per sample (``P`` the layer's output positions per sample). Removals within a layer are not
+independent (the re-fit of one leans on the others), so each layer is ranked greedily: the
+cheapest unit is removed, ``Σ⁻¹`` and ``W`` get the OBS rank update, and the costs are recomputed;
+a unit's cost is the running maximum of these marginal costs up to its removal, so the global
+ranking takes each layer's units in its greedy order and prices joint removals jointly. A group
+of a grouped convolution takes its outputs with it (nothing of the group is left to re-fit): its
+cost is the Fisher-weighted energy of those outputs, ``½ P Σ_{o∈group} G_o w_oᵀ Σ w_o``.
 
 The statistics come from one forward and one backward per calibration batch on the dense
 network (``Σ`` from ``positions`` sampled output positions per image, ``G`` from all of them).
@@ -171,19 +175,71 @@ def _layer_costs(L: _Layer, c) -> dict[tuple[str, int], torch.Tensor]:
     space = c.param_spaces.get((f"{L.name}.weight", 1))
     if space is None:
         return {}
-    P = torch.linalg.inv(sigma)
     units = c.units_of(space)
+    cand = [u for u in np.unique(units) if c.prunable[u]]
     cost = torch.zeros(space.size, dtype=torch.float64)
-    for u in np.unique(units):
-        if not c.prunable[u]:
-            continue
-        chans = np.nonzero(units == u)[0]
-        S = torch.as_tensor((chans[:, None] * k2 + np.arange(k2)[None, :]).reshape(-1), device=W.device)
-        M = torch.linalg.inv(P[S][:, S])
-        WS = W[:, S]
-        total = scale * float((G.to(W.device)[:, None] * (WS @ M) * WS).sum())
-        cost[chans] = total / len(chans)
+    cols = {u: np.nonzero(units == u)[0] for u in cand}
+    sizes = {len(v) for v in cols.values()}
+    if not cand:
+        return {(f"{L.name}.weight", 1): cost}
+    G = G.to(W.device)
+    if len(sizes) == 1 and len(cand) <= GREEDY_MAX_UNITS:
+        marg = _greedy_marginals(sigma, W, G, cand, cols, k2)
+    else:  # units of unequal widths: each unit's cost alone
+        P = torch.linalg.inv(sigma)
+        marg = {u: _alone(P, W, G, cols[u], k2) for u in cand}
+    for u in cand:
+        cost[cols[u]] = scale * marg[u] / len(cols[u])
     return {(f"{L.name}.weight", 1): cost}
+
+
+#: consumers reading more prunable units than this get each unit's cost alone (no greedy order)
+GREEDY_MAX_UNITS = 1024
+
+
+def _columns(chans: np.ndarray, k2: int) -> np.ndarray:
+    return (chans[:, None] * k2 + np.arange(k2)[None, :]).reshape(-1)
+
+
+def _alone(P: torch.Tensor, W: torch.Tensor, G: torch.Tensor, chans: np.ndarray, k2: int) -> float:
+    S = torch.as_tensor(_columns(chans, k2), device=W.device)
+    M = torch.linalg.inv(P[S][:, S])
+    WS = W[:, S]
+    return float((G[:, None] * (WS @ M) * WS).sum())
+
+
+def _greedy_marginals(sigma: torch.Tensor, W: torch.Tensor, G: torch.Tensor, cand: list, cols: dict,
+                      k2: int) -> dict:
+    """Greedy OBS within one layer: remove the cheapest unit, re-fit the rest (rank update of
+    ``Σ⁻¹`` and of ``W``), repeat. A unit's cost is the running maximum of the marginal costs up to
+    its removal, so the global ranking removes each layer's units in its greedy order and joint
+    removals are priced jointly (the cost of removing two units is not the sum of their costs
+    alone)."""
+    P = torch.linalg.inv(sigma)
+    W = W.clone()
+    idx = torch.as_tensor(np.stack([_columns(cols[u], k2) for u in cand]), device=W.device)  # (n, m)
+    active = torch.ones(len(cand), dtype=torch.bool)
+    out: dict = {}
+    running = 0.0
+    for _ in range(len(cand)):
+        a = torch.nonzero(active).reshape(-1)
+        ia = idx[a]                                                   # (n_a, m)
+        blocks = P[ia[:, :, None], ia[:, None, :]]                     # (n_a, m, m)
+        Minv = torch.linalg.inv(blocks)
+        Wb = W[:, ia].permute(1, 0, 2)                                 # (n_a, out, m)
+        costs = torch.einsum("aom,amn,aon,o->a", Wb, Minv, Wb, G)
+        j = int(torch.argmin(costs))
+        u = a[j]
+        running = max(running, float(costs[j]))
+        out[cand[int(u)]] = running
+        S, M = ia[j], Minv[j]
+        W -= (W[:, S] @ M) @ P[S, :]                                   # re-fit the others (OBS update)
+        P -= P[:, S] @ M @ P[S, :]                                     # inverse without the removed columns
+        P[S, :] = 0.0
+        P[:, S] = 0.0
+        P[S, S] = 1.0                                                  # keep later blocks invertible
+        active[u] = False
+    return out
 
 
 def _grouped_costs(L: _Layer, c, sigma, G, W, k2, scale) -> dict[tuple[str, int], torch.Tensor]:
