@@ -29,7 +29,7 @@ COMPENSATION_DEFAULTS = {"scope": "all", "positions": 96, "ridge": 1e-3}
 
 
 def _target(channel_ratio, target_flops, target_params, max_layer_ratio, round_to, min_channels=1,
-            ranking="group_max") -> Target:
+            ranking="group_max", keep_summed=False) -> Target:
     given = {k: v for k, v in (("channels", channel_ratio), ("flops", target_flops), ("params", target_params))
              if v is not None}
     if len(given) != 1:
@@ -37,7 +37,7 @@ def _target(channel_ratio, target_flops, target_params, max_layer_ratio, round_t
             "give exactly one target: channel_ratio=<fraction of channels removed>, target_flops=<retained "
             f"FLOPs fraction> or target_params=<retained parameter fraction>; got {sorted(given) or 'none'}")
     (kind, value), = given.items()
-    return Target(kind, float(value), max_layer_ratio, round_to, min_channels, ranking)
+    return Target(kind, float(value), max_layer_ratio, round_to, min_channels, ranking, keep_summed)
 
 
 def _module_names(model: nn.Module, ignore: Iterable[Any]) -> list[str]:
@@ -68,7 +68,7 @@ def prune_graph(model: nn.Module, example_inputs: Any, *, criterion: str = "l1",
                 steps: int = 1, compensate: bool | dict | None = None, bn_recalibration: bool | None = None,
                 leaf_modules: Iterable[type | str] = (),
                 concrete_args: dict | None = None, verify: bool = True, rtol: float = 1e-4, seed: int = 0,
-                verbose: bool = True, embed_width: bool = False, ranking: str | None = None,
+                verbose: bool = True, embed_width: bool = False, ranking: str | None = None, keep_residual: bool | None = None,
                 report_dir: str | Path | None = None) -> torch.fx.GraphModule:
     """Prune ``model`` to a target and return a physically slimmed ``torch.fx.GraphModule``.
 
@@ -123,6 +123,11 @@ def prune_graph(model: nn.Module, example_inputs: Any, *, criterion: str = "l1",
             divided by the FLOPs the unit's removal saves: a loss change per FLOP) or
             ``"global"`` (as they are); ``None``: the criterion's own (``"global"`` for
             ``"obs"``), else ``"group_max"``.
+        keep_residual: never remove channels that several layers write and add up (a residual
+            stream: :func:`oba_fx.select.summed_units`); only the channels inside residual
+            blocks go. ``None`` (default): on, unless ``embed_width`` asks for the residual width.
+            On the pretrained ResNet-56 at half the FLOPs it is worth 4.7 points with
+            compensation and 19 without (see the README).
         report_dir: also write the run's HTML report and pictures there (:func:`oba_fx.report.write`).
 
     Returns:
@@ -139,7 +144,9 @@ def prune_graph(model: nn.Module, example_inputs: Any, *, criterion: str = "l1",
     """
     crit = get_criterion(criterion)
     ranking = ranking or crit.ranking or "group_max"
-    target = _target(channel_ratio, target_flops, target_params, max_layer_ratio, round_to, min_channels, ranking)
+    keep_residual = (not embed_width) if keep_residual is None else keep_residual
+    target = _target(channel_ratio, target_flops, target_params, max_layer_ratio, round_to, min_channels, ranking,
+                     keep_residual)
     if int(steps) != steps or steps < 1:
         raise BadInputError(f"steps must be a positive integer, got {steps}")
     if crit.needs_data and data is None:

@@ -41,7 +41,7 @@ def build_report(gm: torch.fx.GraphModule, out: torch.fx.GraphModule, c: Couplin
     return {
         "target": {"kind": target.kind, "value": target.value, "max_layer_ratio": target.max_layer_ratio,
                    "round_to": target.round_to, "min_channels": target.min_channels,
-                   "ranking": target.ranking},
+                   "ranking": target.ranking, "keep_residual": target.keep_summed},
         "flops_before": count_flops(gm),
         "flops_after": count_flops(out),
         "params_before": sum(p.numel() for p in gm.parameters()),

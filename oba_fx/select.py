@@ -146,6 +146,34 @@ def unit_flops(gm: torch.fx.GraphModule, c: Coupling) -> np.ndarray:
     return out
 
 
+def summed_units(c: Coupling) -> np.ndarray:
+    """``bool[n_units]``: units written by two or more layers (a residual stream's channels).
+
+    A layer *writes* unit ``u`` when ``u`` is in its weight's output dimension but not in its
+    weight's input dimension (a depthwise or grouped convolution carries its input channels
+    through and writes nothing new). Layers that write the same channel have their outputs
+    added somewhere (a residual add, the sum of two branches). Removing such a channel removes
+    it from every block of the stream at once, and the identity paths carrying it cannot be
+    re-fit by compensation.
+
+    Example:
+        >>> import torch, torchvision
+        >>> from oba_fx.passes.pipeline import analyze_model
+        >>> gm = analyze_model(torchvision.models.resnet18(), (torch.randn(1, 3, 32, 32),))
+        >>> c = gm.meta["oba.coupling"]
+        >>> int((summed_units(c) & c.prunable).sum())   # 64 + 128 + 256 + 512 stream channels
+        960
+    """
+    writers = np.zeros(c.n_units, dtype=np.int64)
+    for (name, dim), s in c.param_spaces.items():
+        if dim != 0 or (name, 1) not in c.param_spaces:
+            continue
+        inp = set(c.units_of(c.param_spaces[(name, 1)]).tolist())
+        out = np.unique(c.units_of(s))
+        writers[[u for u in out.tolist() if u not in inp]] += 1
+    return writers >= 2
+
+
 def unit_space_counts(c: Coupling) -> list[list[tuple[int, int]]]:
     """For each unit, ``[(space id, number of its indices in that space), ...]``."""
     per: list[list[tuple[int, int]]] = [[] for _ in range(c.n_units)]
@@ -248,7 +276,9 @@ class Target:
         max_layer_ratio: the most any one layer (any space) may lose, a fraction in (0, 1).
         round_to: kept units per coupling group rounded to a multiple of this.
         min_channels: every layer (every space) keeps at least this many indices.
-        ranking: ``"group_max"`` or ``"per_flop"`` (see :func:`unit_scores`).
+        ranking: ``"group_max"``, ``"per_flop"`` or ``"global"`` (see :func:`unit_scores`).
+        keep_summed: never remove a *summed* unit (:func:`summed_units`: a channel written by
+            several layers and added up, such as a residual stream).
     """
 
     kind: str
@@ -257,6 +287,7 @@ class Target:
     round_to: int = 1
     min_channels: int = 1
     ranking: str = "group_max"
+    keep_summed: bool = False
 
     def __post_init__(self) -> None:
         if self.ranking not in RANKINGS:
@@ -303,6 +334,8 @@ def select(gm: torch.fx.GraphModule, c: Coupling, scores: Mapping[str, torch.Ten
 
     cost = unit_flops(gm, c) if target.ranking == "per_flop" else None
     us = unit_scores(c, scores, target.ranking, cost)
+    if target.keep_summed:
+        us[summed_units(c)] = np.nan
     sizes = np.array([s.size for s in c.spaces], dtype=np.int64)
     order = order_with_caps(us, unit_space_counts(c), sizes, np.full(len(sizes), target.max_layer_ratio),
                             target.min_channels)
