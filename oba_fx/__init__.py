@@ -28,6 +28,7 @@ _LAZY = {
     "save": "oba_fx.io", "load": "oba_fx.io",
     "score": "oba_fx.scoring",
     "register_criterion": "oba_fx.criteria", "criterion_names": "oba_fx.criteria",
+    "power_iteration": "oba_fx.power_iteration", "PowerIterationResult": "oba_fx.power_iteration",
 }
 
 __all__ = [*_LAZY, "OBAError", "TraceError", "SurgeryError", "VerificationError", "MissingAnalysisError"]
