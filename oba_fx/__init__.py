@@ -29,6 +29,8 @@ _LAZY = {
     "score": "oba_fx.scoring",
     "register_criterion": "oba_fx.criteria", "criterion_names": "oba_fx.criteria",
     "power_iteration": "oba_fx.power_iteration", "PowerIterationResult": "oba_fx.power_iteration",
+    "prune_unstructured": "oba_fx.unstructured", "make_masks_permanent": "oba_fx.unstructured",
+    "masks_of": "oba_fx.unstructured",
 }
 
 __all__ = [*_LAZY, "OBAError", "TraceError", "SurgeryError", "VerificationError", "MissingAnalysisError"]

@@ -63,7 +63,8 @@ def prune_graph(model: nn.Module, example_inputs: Any, *, criterion: str = "l1",
                 max_batches: int | None = None, max_layer_ratio: float = 0.95, min_channels: int = 1,
                 steps: int = 1, bn_recalibration: bool = True, leaf_modules: Iterable[type | str] = (),
                 concrete_args: dict | None = None, verify: bool = True, rtol: float = 1e-4, seed: int = 0,
-                verbose: bool = True, embed_width: bool = False, ranking: str = "group_max") -> torch.fx.GraphModule:
+                verbose: bool = True, embed_width: bool = False, ranking: str = "group_max",
+                merge: str | None = None, merge_fraction: float = 0.5) -> torch.fx.GraphModule:
     """Prune ``model`` to a target and return a physically slimmed ``torch.fx.GraphModule``.
 
     The model is traced (a deep copy: ``model`` is never modified), every channel dimension is
@@ -107,6 +108,11 @@ def prune_graph(model: nn.Module, example_inputs: Any, *, criterion: str = "l1",
         ranking: how unit scores are compared across coupling groups: ``"group_max"`` (the OBA
             paper's rule: each group's scores divided by its maximum) or ``"per_flop"`` (score
             divided by the FLOPs the unit's removal saves: a loss change per FLOP).
+        merge: ``None`` (default), ``"cyclic"`` or ``"similar"``: before slimming, fold each removed
+            unit's outgoing weights (its consumers' input columns) into a kept unit of its
+            coupling group (CAMP-HiVe's pair merging, :mod:`oba_fx.merging`); verification then
+            checks slimmed == merged-masked.
+        merge_fraction: share of a removed unit's columns added to its partner (default ½).
 
     Returns:
         The slimmed GraphModule; ``compiled.meta["oba"]`` is the report (FLOPs and parameters
@@ -128,6 +134,11 @@ def prune_graph(model: nn.Module, example_inputs: Any, *, criterion: str = "l1",
         raise ValueError(
             f"criterion {criterion!r} needs calibration data: pass data=<iterable of (inputs, targets)>, "
             f"or use a data-free criterion ({', '.join(criterion_names(needs_data=False))})")
+    if merge is not None:
+        from .merging import PARTNER_MODES
+
+        if merge not in PARTNER_MODES:
+            raise ValueError(f"merge must be None or one of {PARTNER_MODES}, got {merge!r}")
     check_finite_model(model)
     inputs = as_tuple(example_inputs)
     check_inputs_usable(inputs, "example_inputs")
@@ -136,7 +147,8 @@ def prune_graph(model: nn.Module, example_inputs: Any, *, criterion: str = "l1",
         rtol=rtol, bn_recalibration=bn_recalibration, progress=verbose,
         score_options={"seed": seed, "hessian": hessian, "loss_fn": loss_fn},
         analysis={"leaf_modules": leaf_modules, "concrete_args": concrete_args,
-                  "frozen_modules": _module_names(model, ignore), "norm_width": embed_width})
+                  "frozen_modules": _module_names(model, ignore), "norm_width": embed_width},
+        merge=None if merge is None else (merge, float(merge_fraction)))
     out = run(model, inputs, config)
     out.train(model.training)
     return out

@@ -36,6 +36,8 @@ SELECTION = "oba.selection"
 HESSIAN_STRUCTURE = "oba.hessian_structure"
 #: gm.meta: the fused HVP program, see ``passes/hvp_codegen.py``
 HVP_PROGRAM = "oba.hvp_program"
+#: gm.meta: :class:`oba_fx.merging.MergeRecord` — removed units folded into kept partners
+MERGED = "oba.merged"
 #: gm.meta on a slimmed graph: the relative error of the slimmed == masked check
 VERIFIED = "oba.verified"
 #: gm.meta on a slimmed graph: whether BatchNorm statistics were re-estimated
@@ -52,6 +54,7 @@ PRODUCERS = {
     SELECTION: "oba_fx.passes.select.SelectPass",
     HESSIAN_STRUCTURE: "oba_fx.passes.hessian_structure.HessianStructurePass",
     HVP_PROGRAM: "oba_fx.passes.hvp_codegen.HVPCodegen",
+    MERGED: "oba_fx.passes.merge.MergePass",
     VERIFIED: "oba_fx.passes.verify.VerifyPass",
     BN_RECALIBRATED: "oba_fx.passes.bn_recalibration.BNRecalibrationPass",
 }

@@ -66,6 +66,10 @@ def score(model: nn.Module, data: Iterable | None, *, example_inputs: Any = None
       sample (exact when batch statistics couple the samples).
     * ``"obd_hutchinson"``: ``θ² ⊙ d`` with ``d = (1/K) Σ_k r_k ⊙ (H r_k)`` the Hutchinson
       estimate of ``diag(H)`` (full Hessian) from ``K = probes`` Rademacher vectors per batch.
+    * ``"camp"`` (CAMP-HiVe): ``Σ_j w_j |v_j|`` over the top eigenvectors of the Hessian of the
+      loss averaged over *all* batches (:func:`oba_fx.power_iteration`; registered with
+      ``whole_data=True``, so it is called once with every batch rather than averaged per
+      batch; ``hessian`` picks ``H_F`` or ``H``, see :mod:`oba_fx.criteria.camp`).
     * data-free: ``"l1"`` ``|θ|``, ``"l2"`` ``θ²``, ``"random"`` uniform ``[0, 1)`` noise drawn
       from ``torch.Generator().manual_seed(seed)`` (float32, in parameter order, then cast).
 
@@ -101,7 +105,7 @@ def score(model: nn.Module, data: Iterable | None, *, example_inputs: Any = None
         Traceback (most recent call last):
         ...
         oba_fx.criteria.UnknownCriterionError: unknown criterion 'gradnorm'; expected one of l1, l2, random, \
-oba, taylor, obd_fisher, obd_hutchinson (or register your own with oba_fx.criteria.register_criterion)
+oba, taylor, obd_fisher, obd_hutchinson, camp (or register your own with oba_fx.criteria.register_criterion)
     """
     crit = get_criterion(criterion)
     check_hessian(hessian)
@@ -117,6 +121,8 @@ oba, taylor, obd_fisher, obd_hutchinson (or register your own with oba_fx.criter
             f"criterion {criterion!r} needs calibration data: pass data=<iterable of (inputs, targets)>, "
             f"or use a data-free criterion ({', '.join(criterion_names(needs_data=False))})")
     device = next(iter(ctx.params.values())).device if ctx.params else torch.device("cpu")
+    if crit.whole_data:
+        return _like_params(model, _score_whole(ctx, fn, criterion, data, max_batches, progress, mode, device))
     totals: dict[str, torch.Tensor] = {}
     n_batches = 0
     log.info("scoring %d parameter tensors with %r (hessian=%s, mode=%s)", len(ctx.names), criterion, hessian, mode)
@@ -133,6 +139,24 @@ oba, taylor, obd_fisher, obd_hutchinson (or register your own with oba_fx.criter
         raise ValueError("no batches: `data` yielded nothing (or max_batches=0)")
     log.info("scored %d batches", n_batches)
     return _like_params(model, {n: t / n_batches for n, t in totals.items()})
+
+
+def _score_whole(ctx: ScoreContext, fn: Any, criterion: str, data: Iterable, max_batches: int | None,
+                 progress: bool, mode: str, device: torch.device) -> dict[str, torch.Tensor]:
+    """A ``whole_data`` criterion: one call ``fn(ctx, batches)`` with every (checked) batch."""
+    batches = []
+    for i, batch in enumerate(_progress(data, max_batches, progress, criterion)):
+        x, y = to_device(batch[0], device), to_device(batch[1], device)
+        check_inputs_usable(x, f"calibration batch {i}")
+        batches.append((x, y))
+    if not batches:
+        raise ValueError("no batches: `data` yielded nothing (or max_batches=0)")
+    log.info("scoring %d parameter tensors with %r over %d batches at once (mode=%s)", len(ctx.names), criterion,
+             len(batches), mode)
+    with _scoring_mode(ctx.model, mode):
+        out = fn(ctx, batches)
+    check_finite_scores(out, f"criterion {criterion!r}")
+    return out
 
 
 def _like_params(model: nn.Module, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -37,6 +37,7 @@ from oba_fx.tracing import check_inputs, trace
 from .bn_recalibration import BNRecalibrationPass
 from .coupling import CouplingPass
 from .hessian_structure import HessianStructurePass
+from .merge import MergePass
 from .score import ScorePass
 from .select import SelectPass
 from .shape_prop import ShapePropPass
@@ -64,6 +65,8 @@ class PruneConfig:
         progress: progress bars.
         analysis: options of :func:`analyze_model` (``leaf_modules``, ``concrete_args``,
             ``frozen_modules``, ``norm_width``).
+        merge: ``None``, or ``(mode, fraction)`` to fold removed units into kept partners
+            between selection and slimming (:class:`~oba_fx.passes.merge.MergePass`).
     """
 
     criterion: str
@@ -77,6 +80,7 @@ class PruneConfig:
     bn_recalibration: bool = True
     progress: bool = True
     analysis: Mapping[str, Any] = field(default_factory=dict)
+    merge: tuple[str, float] | None = None
 
 
 def analyze_model(model: torch.nn.Module, example_inputs: Sequence[Any], *, leaf_modules: Iterable = (),
@@ -102,8 +106,8 @@ def analyze_model(model: torch.nn.Module, example_inputs: Sequence[Any], *, leaf
 
 def prune(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], scores: Mapping[str, torch.Tensor] | None,
           target: Target, *, verify: bool = True, rtol: float = 1e-4, max_units: int | None = None,
-          absolute: float | None = None) -> torch.fx.GraphModule:
-    """Select, slim and verify an analysed graph; returns the slimmed GraphModule with its report.
+          absolute: float | None = None, merge: tuple[str, float] | None = None) -> torch.fx.GraphModule:
+    """Select, (merge,) slim and verify an analysed graph; returns the slimmed GraphModule with its report.
 
     ``scores`` (per parameter) are stored as ``gm.meta["oba.scores"]``; with ``None`` the scores
     a :class:`~oba_fx.passes.score.ScorePass` already wrote are used.
@@ -111,6 +115,8 @@ def prune(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], scores: Mappi
     if scores is not None:
         gm.meta[M.SCORES] = scores
     SelectPass(target, max_units, absolute)(gm)
+    if merge is not None:
+        MergePass(*merge)(gm)
     sel, c = gm.meta[M.SELECTION], gm.meta[M.COUPLING]
     out = SlimPass(example_inputs)(gm).graph_module
     if verify:
@@ -120,6 +126,8 @@ def prune(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], scores: Mappi
     for n in out.graph.nodes:
         n.meta.pop(M.SPACES, None)
     out.meta[M.REPORT] = build_report(gm, out, c, sel, target, err)
+    if merge is not None:
+        out.meta[M.REPORT]["merge"] = gm.meta[M.MERGED].summary()
     return out
 
 
@@ -129,7 +137,7 @@ def prune_step(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], config: 
     ScorePass(config.criterion, config.data, max_batches=config.max_batches, progress=config.progress,
               **config.score_options)(gm)
     return prune(gm, example_inputs, None, config.target, verify=config.verify, rtol=config.rtol,
-                 max_units=max_units, absolute=absolute)
+                 max_units=max_units, absolute=absolute, merge=config.merge)
 
 
 def run(model: torch.nn.Module, example_inputs: Sequence[Any], config: PruneConfig) -> torch.fx.GraphModule:

@@ -13,8 +13,12 @@ first use.
 
 A criterion's function is called as
 
-* ``fn(ctx)`` when it needs no data, or
-* ``fn(ctx, x, y)`` for each calibration batch when it does,
+* ``fn(ctx)`` when it needs no data,
+* ``fn(ctx, x, y)`` for each calibration batch when it does (the scores are averaged), or
+* ``fn(ctx, batches)`` once, with the list of all calibration batches ``[(x, y), ...]``, when it
+  is registered with ``whole_data=True``: for a criterion that is not a mean of per-batch
+  scores, such as ``"camp"`` (power iteration needs the Hessian of the batch-averaged loss; the
+  average of per-batch eigenvectors is not an eigenvector of anything),
 
 with ``ctx`` a :class:`oba_fx.criteria.context.ScoreContext` (the model, its scored parameter
 names and values, the loss, and helpers for the gradient, ``H θ`` and diagonal estimates).
@@ -62,6 +66,8 @@ class Criterion:
             alone (``fn(ctx)``).
         needs_hvp: whether it multiplies by the Hessian (``ctx.hvp``): the costly criteria.
         description: one line for ``--help`` and the README.
+        whole_data: called once as ``fn(ctx, batches)`` with every calibration batch, instead of
+            once per batch (implies ``needs_data``).
     """
 
     name: str
@@ -69,6 +75,7 @@ class Criterion:
     needs_data: bool
     needs_hvp: bool = False
     description: str = ""
+    whole_data: bool = False
 
     def resolve(self) -> Callable[..., Any]:
         """The scoring function (importing it when it was given by name)."""
@@ -83,7 +90,8 @@ REGISTRY: dict[str, Criterion] = {}
 
 
 def register_criterion(name: str, fn: Callable[..., Any] | str | None = None, *, needs_data: bool,
-                       needs_hvp: bool = False, description: str = "", replace: bool = False) -> Any:
+                       needs_hvp: bool = False, description: str = "", replace: bool = False,
+                       whole_data: bool = False) -> Any:
     """Add a criterion to the registry; usable as a decorator when ``fn`` is omitted.
 
     Args:
@@ -94,6 +102,8 @@ def register_criterion(name: str, fn: Callable[..., Any] | str | None = None, *,
         needs_hvp: see :class:`Criterion`.
         description: one line shown by ``oba-fx prune --help``.
         replace: allow replacing a criterion of the same name.
+        whole_data: call ``fn(ctx, batches)`` once with all calibration batches (see
+            :class:`Criterion`); requires ``needs_data``.
 
     Returns:
         The :class:`Criterion` (direct call) or a decorator returning the function unchanged.
@@ -105,9 +115,11 @@ def register_criterion(name: str, fn: Callable[..., Any] | str | None = None, *,
         raise ValueError(f"criterion name must be an identifier such as 'my_score', got {name!r}")
     if name in REGISTRY and not replace:
         raise ValueError(f"criterion {name!r} is already registered; pick another name or pass replace=True")
+    if whole_data and not needs_data:
+        raise ValueError(f"criterion {name!r}: whole_data=True needs needs_data=True (it is called with the batches)")
 
     def add(f: Callable[..., Any] | str) -> Criterion:
-        c = Criterion(name, f, bool(needs_data), bool(needs_hvp), description)
+        c = Criterion(name, f, bool(needs_data), bool(needs_hvp), description, bool(whole_data))
         REGISTRY[name] = c
         return c
 
@@ -150,7 +162,7 @@ def get_criterion(name: str) -> Criterion:
         Traceback (most recent call last):
         ...
         oba_fx.criteria.UnknownCriterionError: unknown criterion 'gradnorm'; expected one of l1, l2, random, \
-oba, taylor, obd_fisher, obd_hutchinson (or register your own with oba_fx.criteria.register_criterion)
+oba, taylor, obd_fisher, obd_hutchinson, camp (or register your own with oba_fx.criteria.register_criterion)
     """
     c = REGISTRY.get(name)
     if c is None:
@@ -173,3 +185,5 @@ register_criterion("obd_fisher", f"{_SO}:obd_fisher", needs_data=True,
                    description="θ² ⊙ diag(empirical Fisher) (OBD)")
 register_criterion("obd_hutchinson", f"{_SO}:obd_hutchinson", needs_data=True, needs_hvp=True,
                    description="θ² ⊙ Hutchinson estimate of diag(H) (OBD)")
+register_criterion("camp", "oba_fx.criteria.camp:camp", needs_data=True, needs_hvp=True, whole_data=True,
+                   description="|v| of the top Hessian eigenvector by power iteration over all batches (CAMP-HiVe)")
