@@ -63,7 +63,7 @@ from .batches import take
 from .criteria import get_criterion
 from .criteria.camp import WEIGHTINGS, camp_importance, curvature_share
 from .merging import merge_unstructured
-from .power_iteration import power_iteration
+from .hessian_eigen import PowerIterationResult, power_iteration
 from .tracing import trace
 
 log = logging.getLogger(__name__)
@@ -350,6 +350,22 @@ def _importance(gm: nn.Module, data: list | None, criterion: str, names: list[st
     return {n: s[n].abs() for n in names}, None, None
 
 
+def _from_precomputed(pre: Any, gm: nn.Module, criterion: str, names: list[str], opts: Mapping[str, Any]):
+    if isinstance(pre, PowerIterationResult):
+        if criterion != "camp":
+            raise ValueError(f"precomputed power-iteration result given for criterion {criterion!r}; it serves 'camp'")
+        params = {n: p.detach() for n, p in gm.named_parameters()}
+        imp = camp_importance(pre, params, weighting=opts["weighting"], times_theta=opts["times_theta"])
+        share = curvature_share(pre, opts["weighting"])
+        return {n: imp[n] for n in names}, {n: share[n] for n in names}, pre.report()
+    if criterion == "camp":
+        raise ValueError("criterion 'camp' takes precomputed=<PowerIterationResult from oba_fx.power_iteration>")
+    missing = [n for n in names if n not in pre]
+    if missing:
+        raise KeyError(f"precomputed scores lack {missing[:4]}")
+    return {n: pre[n].abs() for n in names}, None, None
+
+
 @torch.no_grad()
 def _zero_or_merge(gm: nn.Module, keep: Mapping[str, torch.Tensor], merge: bool, fraction: float) -> None:
     params = dict(gm.named_parameters())
@@ -386,7 +402,9 @@ def prune_unstructured(model: nn.Module, data: Iterable | None, *, criterion: st
                        hessian: str = "full", k: int = 1, iters: int = 30, tol: float = 1e-3,
                        weighting: str = "lambda", times_theta: bool = False, caps: tuple[float, float] | None = None,
                        beta: float = 0.5, loss_fn: Callable | None = None, max_batches: int | None = None,
-                       seed: int = 0, progress: bool = True) -> torch.fx.GraphModule:
+                       seed: int = 0, progress: bool = True,
+                       precomputed: PowerIterationResult | Mapping[str, torch.Tensor] | None = None
+                       ) -> torch.fx.GraphModule:
     """Remove a fraction of the individual conv / linear weights; masks hold them at zero.
 
     Args:
@@ -410,6 +428,10 @@ def prune_unstructured(model: nn.Module, data: Iterable | None, *, criterion: st
         max_batches: use at most this many calibration batches.
         seed: power-iteration start vectors, ``"random"``.
         progress: progress bars.
+        precomputed: the first step's input, computed once and shared by several calls (e.g. one
+            per sparsity): a :class:`~oba_fx.hessian_eigen.PowerIterationResult` of ``model`` for
+            ``"camp"``, or ``{name: score}`` from :func:`oba_fx.score` for the other criteria. Later
+            steps always recompute.
 
     Returns:
         A ``torch.fx.GraphModule`` with :class:`WeightMask` parametrizations; ``gm.meta["oba"]``
@@ -422,7 +444,7 @@ def prune_unstructured(model: nn.Module, data: Iterable | None, *, criterion: st
     criterion = _check(criterion, sparsity, scope, steps, weighting, merge_fraction)
     crit = get_criterion(criterion)
     batches = list(take(data, max_batches)) if data is not None else None
-    if crit.needs_data and not batches:
+    if crit.needs_data and not batches and (precomputed is None or steps > 1):
         raise ValueError(f"criterion {criterion!r} needs calibration data: pass data=<iterable of (inputs, targets)>")
     t0 = time.time()
     gm = trace(model)
@@ -436,7 +458,10 @@ def prune_unstructured(model: nn.Module, data: Iterable | None, *, criterion: st
     pi_reports = []
     for t in range(1, int(steps) + 1):
         s_t = 1.0 - (1.0 - sparsity) ** (t / steps)
-        imp, share, rep = _importance(gm, batches, criterion, names, keep, opts)
+        if t == 1 and precomputed is not None:
+            imp, share, rep = _from_precomputed(precomputed, gm, criterion, names, opts)
+        else:
+            imp, share, rep = _importance(gm, batches, criterion, names, keep, opts)
         fractions = None
         if scope == "adaptive":
             floor = {n: float((~keep[n]).sum()) / sizes[n] for n in names}

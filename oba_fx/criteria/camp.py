@@ -36,7 +36,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..power_iteration import PowerIterationResult, power_iteration
+from ..hessian_eigen import PowerIterationResult, power_iteration
 from .context import ScoreContext
 
 log = logging.getLogger(__name__)
