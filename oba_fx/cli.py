@@ -92,6 +92,27 @@ def _loaders(args, root: Path) -> dict:
     }
 
 
+def _prune_unstructured(model, calib, args):
+    """``--unstructured``: :func:`oba_fx.prune_unstructured` (masks, not slimming)."""
+    from .unstructured import prune_unstructured
+
+    if args.sparsity is None or not 0.0 <= args.sparsity < 1.0:
+        raise ValueError(f"--unstructured needs --sparsity in [0, 1) (the fraction of weights removed), "
+                         f"got {args.sparsity}")
+    data = calib if get_criterion(args.criterion).needs_data else None
+    return prune_unstructured(model, data, criterion=args.criterion, sparsity=args.sparsity, steps=args.steps,
+                              merge=args.merge, max_batches=args.calib_batches, progress=not args.quiet)
+
+
+def _sparsity_table(report: dict) -> str:
+    rows = [f"{'weight':34s} {'numel':>9s} {'sparsity':>9s}"]
+    rows += [f"{n:34s} {r['numel']:9d} {r['sparsity']:9.3f}" for n, r in report["layers"].items()]
+    t = report["total"]
+    rows.append(f"\ntotal: {t['zeros']:,} of {t['numel']:,} weights pruned ({t['sparsity']:.3f}); masks held by "
+                "torch.nn.utils.parametrize (oba_fx.make_masks_permanent removes them)")
+    return "\n".join(rows)
+
+
 def cmd_prune(args) -> int:
     import torch
 
@@ -124,7 +145,10 @@ def cmd_prune(args) -> int:
                   verbose=not args.quiet)
     if get_criterion(args.criterion).needs_data:
         kwargs.update(data=calib, max_batches=args.calib_batches)
-    pruned = prune_graph(model, x, **kwargs)
+    if args.unstructured:
+        pruned = _prune_unstructured(model, calib, args)
+    else:
+        pruned = prune_graph(model, x, merge="cyclic" if args.merge else None, **kwargs)
     acc["after"] = accuracy(pruned)
     if args.bn_recal and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in pruned.modules()):
         recalibrate_bn(pruned, calib)
@@ -136,9 +160,12 @@ def cmd_prune(args) -> int:
                  checkpoint_dir=(args.out + ".ckpt") if args.out else None)
         acc[f"after {args.finetune_epochs} fine-tuning epoch(s)"] = accuracy(pruned)
     r = pruned.meta["oba"]
-    print(layer_table(r, model, pruned))
-    print(f"\nFLOPs {r['flops_before']:,} -> {r['flops_after']:,} ({r['flops_after'] / r['flops_before']:.3f}); "
-          f"params {r['params_before']:,} -> {r['params_after']:,} ({r['params_after'] / r['params_before']:.3f})")
+    if args.unstructured:
+        print(_sparsity_table(r))
+    else:
+        print(layer_table(r, model, pruned))
+        print(f"\nFLOPs {r['flops_before']:,} -> {r['flops_after']:,} ({r['flops_after'] / r['flops_before']:.3f}); "
+              f"params {r['params_before']:,} -> {r['params_after']:,} ({r['params_after'] / r['params_before']:.3f})")
     sizes = [len(dl.dataset) for dl in tests.values()]
     for k, accs in acc.items():
         parts = ", ".join(f"{100 * a:5.1f} % on {n} {name}" for a, n, name in zip(accs, sizes, tests))
@@ -206,6 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune this many epochs after pruning")
     pr.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate (paper: 1e-3)")
     pr.add_argument("--train-limit", type=int, default=None, help="fine-tune on the first N training images")
+    pr.add_argument("--unstructured", action="store_true",
+                    help="prune individual weights (masks) to --sparsity instead of channels to --target-flops")
+    pr.add_argument("--sparsity", type=float, default=None, help="with --unstructured: fraction of weights removed")
+    pr.add_argument("--merge", action="store_true",
+                    help="CAMP-HiVe cyclic pair merging: fold each pruned weight / channel into a kept partner")
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
     pr.add_argument("--no-bn-recal", dest="bn_recal", action="store_false",
                     help="skip re-estimating BatchNorm statistics on the calibration images after pruning")

@@ -39,6 +39,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -46,6 +47,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from .batches import take, to_device
 from .checks import check_inputs_usable
@@ -134,22 +137,109 @@ def _masked(v: Vec, masks: Mapping[str, torch.Tensor]) -> Vec:
 
 # ------------------------------------------------------------------------------ the operator
 class _BatchHessian:
-    """``v ↦ m ⊙ (1/B) Σ_b H_b (m ⊙ v)`` over fixed calibration batches."""
+    """``v ↦ m ⊙ (1/B) Σ_b H_b (m ⊙ v)`` over fixed calibration batches.
+
+    Products use the fused HVP. If a kernel of the model has no forward-mode derivative of its
+    backward (``aten::hardsigmoid_backward`` in torch 2.14.1, used by hardswish and SE gates), they
+    run with those activations written as clamps (:func:`hard_activations_decomposed`, the same
+    function), and failing that by reverse-over-reverse (:func:`double_backward_hvp`).
+    """
 
     def __init__(self, model: nn.Module, batches: list, names: list[str], loss_fn: LossFn | None, hessian: str,
                  masks: Mapping[str, torch.Tensor]):
         self.model, self.batches, self.names = model, batches, names
         self.loss_fn, self.hessian, self.masks = loss_fn, hessian, masks
+        self.decompose = False
+        self.reverse = False
+
+    def _one(self, x: Any, y: Any, v: Vec) -> Vec:
+        if self.reverse:
+            with hard_activations_decomposed():
+                return double_backward_hvp(self.model, x, y, self.names, v, self.loss_fn, self.hessian)
+        try:
+            with hard_activations_decomposed() if self.decompose else contextlib.nullcontext():
+                return fused_hvp(self.model, (x, y), param_names=self.names, loss_fn=self.loss_fn,
+                                 hessian=self.hessian, tangents=v).hvps
+        except NotImplementedError as e:
+            if "forward AD" not in str(e):
+                raise
+            if not self.decompose:
+                log.warning("the fused HVP has no forward-mode rule for a kernel of this model (%s); running "
+                            "hardsigmoid / hardswish as clamps (same function)", e)
+                self.decompose = True
+            else:
+                log.warning("the fused HVP cannot run on this model (%s); using double backward instead", e)
+                self.reverse = True
+            return self._one(x, y, v)
 
     def __call__(self, v: Vec) -> Vec:
         v = _masked(v, self.masks)
         total: Vec | None = None
         for x, y in self.batches:
-            hv = fused_hvp(self.model, (x, y), param_names=self.names, loss_fn=self.loss_fn, hessian=self.hessian,
-                           tangents=v).hvps
+            hv = self._one(x, y, v)
             total = hv if total is None else {n: total[n] + hv[n] for n in total}
         assert total is not None
         return _masked(_scale(1.0 / len(self.batches), total), self.masks)
+
+
+class hard_activations_decomposed(TorchFunctionMode):
+    """Within this context ``F.hardsigmoid`` and ``F.hardswish`` (also as ``nn.Hardsigmoid`` /
+    ``nn.Hardswish``) run as ``clamp(x + 3, 0, 6) / 6`` and ``x · clamp(x + 3, 0, 6) / 6``: the same
+    functions (and derivatives almost everywhere), built from kernels whose backward has forward-mode
+    and second derivatives.
+
+    Example:
+        >>> x = torch.linspace(-5, 5, 11)
+        >>> with hard_activations_decomposed():
+        ...     a = torch.nn.functional.hardswish(x)
+        >>> torch.allclose(a, torch.nn.functional.hardswish(x))
+        True
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.hardsigmoid:
+            return (args[0] + 3).clamp(0, 6) / 6
+        if func is F.hardswish:
+            return args[0] * ((args[0] + 3).clamp(0, 6) / 6)
+        return func(*args, **kwargs)
+
+
+def double_backward_hvp(model: nn.Module, x: Any, y: Any, names: Sequence[str], v: Mapping[str, torch.Tensor],
+                        loss_fn: LossFn | None = None, hessian: str = "full") -> Vec:
+    """``H v`` (``hessian="full"``) or ``H_F v`` (``"functional"``: ``∂ℓ/∂z`` held fixed) of one
+    batch by reverse-over-reverse: ``∇_θ ⟨∇_θ f, v⟩`` with ``f = ℓ(z)`` or ``⟨stopgrad(∂ℓ/∂z), z⟩``.
+    Buffers are copied and the model is not changed.
+
+    Example:
+        >>> m = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2)).double()
+        >>> x, y = torch.randn(4, 2, dtype=torch.float64), torch.tensor([0, 1, 1, 0])
+        >>> v = {n: torch.ones_like(p) for n, p in m.named_parameters()}
+        >>> a = double_backward_hvp(m, x, y, list(v), v, hessian="functional")
+        >>> b = fused_hvp(m, (x, y), hessian="functional", tangents=v).hvps
+        >>> all(torch.allclose(a[n], b[n]) for n in v)
+        True
+    """
+    from torch.func import functional_call
+
+    from .hvp import default_loss_fn
+
+    loss_fn = loss_fn or default_loss_fn
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    leaves = {n: params[n].clone().requires_grad_() for n in names}
+    bufs = {n: b.detach().clone() for n, b in model.named_buffers()}
+    with torch.enable_grad():
+        z = functional_call(model, ({**params, **leaves}, bufs), (x,))
+        loss = loss_fn(z, y)
+        if hessian == "functional":
+            (c,) = torch.autograd.grad(loss, z, retain_graph=True)
+            loss = (c.detach() * z).sum()
+        gs = torch.autograd.grad(loss, list(leaves.values()), create_graph=True, allow_unused=True)
+        dot = sum((g * v[n]).sum() for n, g in zip(names, gs) if g is not None and g.requires_grad)
+        if not isinstance(dot, torch.Tensor):  # no curvature reaches any parameter
+            return {n: torch.zeros_like(params[n]) for n in names}
+        hv = torch.autograd.grad(dot, list(leaves.values()), allow_unused=True)
+    return {n: torch.zeros_like(params[n]) if h is None else h.detach() for n, h in zip(names, hv)}
 
 
 def _random_unit(params: Mapping[str, torch.Tensor], gen: torch.Generator, masks: Mapping[str, torch.Tensor],
@@ -319,4 +409,4 @@ def power_iteration(model: nn.Module, data: Iterable, *, k: int = 1, iters: int 
         n_batches=len(batches), tol=tol, seconds=time.time() - t0)
 
 
-__all__ = ["power_iteration", "PowerIterationResult"]
+__all__ = ["power_iteration", "PowerIterationResult", "double_backward_hvp", "hard_activations_decomposed"]

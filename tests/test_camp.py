@@ -268,3 +268,264 @@ def test_prune_graph_camp_merge_verified():
     assert out.meta["oba"]["merge"]["pairs"] > 0 and out.meta["oba"]["max_rel_error"] <= 1e-4
     with pytest.raises(ValueError, match="merge must be"):
         oba_fx.prune_graph(model, torch.randn(1, 3, 8, 8), channel_ratio=0.4, merge="nearest")
+
+
+# ------------------------------------------------------------------------------ unstructured masks
+def _small_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                               torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 5)).eval()
+
+
+def _data(n=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(6, 3, 4, 4, generator=g), torch.randint(0, 5, (6,), generator=g)) for _ in range(n)]
+
+
+def _zeros_hold(gm, masks):
+    from oba_fx.unstructured import masks_of
+
+    got = masks_of(gm)
+    assert set(got) == set(masks)
+    for n, m in masks.items():
+        mod, _, attr = n.rpartition(".")
+        w = getattr(gm.get_submodule(mod), attr)
+        assert torch.equal(got[n], m)
+        assert bool((w[~m] == 0).all()), n
+        assert bool((w[m] != 0).any()), n
+
+
+@pytest.mark.parametrize("opt", ["sgd", "adam"])
+def test_masks_hold_through_optimizer_steps(opt):
+    from oba_fx.unstructured import masks_of, prune_unstructured
+
+    gm = prune_unstructured(_small_net(), None, criterion="magnitude", sparsity=0.8, progress=False)
+    masks = masks_of(gm)
+    gm.train()
+    o = (torch.optim.SGD(gm.parameters(), lr=0.5, momentum=0.9, weight_decay=5e-4) if opt == "sgd"
+         else torch.optim.Adam(gm.parameters(), lr=0.1))
+    before = {n: p.detach().clone() for n, p in gm.named_parameters()}
+    for x, y in _data(5):
+        o.zero_grad()
+        torch.nn.functional.cross_entropy(gm(x), y).backward()
+        o.step()
+    assert any(not torch.equal(before[n], p) for n, p in gm.named_parameters())  # it did train
+    _zeros_hold(gm, masks)
+
+
+def test_masks_hold_through_save_load(tmp_path):
+    import oba_fx
+    from oba_fx.unstructured import masks_of, prune_unstructured
+
+    gm = prune_unstructured(_small_net(), _data(), criterion="taylor", sparsity=0.6, progress=False)
+    p = oba_fx.save(gm, tmp_path / "m.pt")
+    back = oba_fx.load(p)
+    x = torch.randn(3, 3, 4, 4)
+    assert torch.equal(back(x), gm(x))
+    assert back.meta["oba"] == gm.meta["oba"]
+    _zeros_hold(back, masks_of(gm))
+    back.train()
+    o = torch.optim.SGD(back.parameters(), lr=0.5)
+    x, y = _data(1)[0]
+    torch.nn.functional.cross_entropy(back(x), y).backward()
+    o.step()
+    _zeros_hold(back, masks_of(gm))   # the loaded masks are live parametrizations
+    gm(x)                             # saving did not break the original (shared parametrized class)
+
+
+def test_masks_hold_under_torch_compile():
+    from oba_fx.unstructured import masks_of, prune_unstructured
+
+    gm = prune_unstructured(_small_net(), None, criterion="l1", sparsity=0.7, progress=False)
+    masks = masks_of(gm)
+    x, y = _data(1)[0]
+    eager = gm(x)
+    compiled = torch.compile(gm, backend="aot_eager", fullgraph=False)
+    assert torch.allclose(compiled(x), eager, atol=1e-6)
+    gm.train()
+    o = torch.optim.SGD(gm.parameters(), lr=0.5, momentum=0.9)
+    for _ in range(3):
+        o.zero_grad()
+        torch.nn.functional.cross_entropy(compiled(x), y).backward()
+        o.step()
+    _zeros_hold(gm, masks)
+
+
+def test_make_masks_permanent():
+    from oba_fx.unstructured import make_masks_permanent, masks_of, prune_unstructured
+    from torch.nn.utils import parametrize
+
+    gm = prune_unstructured(_small_net(), None, criterion="l1", sparsity=0.5, progress=False)
+    masks = masks_of(gm)
+    x = torch.randn(2, 3, 4, 4)
+    y0 = gm(x)
+    make_masks_permanent(gm)
+    assert not any(parametrize.is_parametrized(m) for m in gm.modules()) and masks_of(gm) == {}
+    assert torch.equal(gm(x), y0)
+    assert bool((gm.get_submodule("0").weight[~masks["0.weight"]] == 0).all())
+    assert sorted(n for n, _ in gm.named_parameters()) == sorted(n for n, _ in _small_net().named_parameters())
+
+
+# ------------------------------------------------------------------------------ prune_unstructured
+def test_sparsity_report_and_scopes():
+    from oba_fx.unstructured import prune_unstructured
+
+    m = _small_net()
+    g = prune_unstructured(m, None, criterion="l1", sparsity=0.75, scope="global", progress=False)
+    rep = g.meta["oba"]
+    assert rep["total"] == {"numel": 8 * 27 + 5 * 128, "zeros": round(0.75 * (8 * 27 + 5 * 128)), "sparsity":
+                            round(round(0.75 * 856) / 856, 6)}
+    w_all = torch.cat([m[0].weight.abs().flatten(), m[4].weight.abs().flatten()])
+    thr = w_all.sort().values[round(0.75 * 856) - 1]
+    for n, mod in (("0.weight", m[0]), ("4.weight", m[4])):     # global threshold on |θ|
+        pruned = g.get_submodule(n[0]).weight == 0
+        assert torch.equal(pruned, mod.weight.abs() <= thr)
+        assert rep["layers"][n]["zeros"] == int(pruned.sum())
+    lay = prune_unstructured(m, None, criterion="l1", sparsity=0.5, scope="layer", progress=False).meta["oba"]
+    assert lay["layers"]["0.weight"]["zeros"] == 108 and lay["layers"]["4.weight"]["zeros"] == 320
+    assert sorted(n for n, _ in m.named_parameters()) == ["0.bias", "0.weight", "1.bias", "1.weight", "4.bias",
+                                                          "4.weight"]      # the model is untouched
+    assert not any(isinstance(type(x), type) and type(x).__name__.startswith("Parametrized") for x in m.modules())
+
+
+@pytest.mark.parametrize("criterion", ["camp", "oba", "taylor", "magnitude"])
+def test_prune_unstructured_every_criterion(criterion):
+    from oba_fx.unstructured import prune_unstructured
+
+    m = _small_net().double()
+    data = [(x.double(), y) for x, y in _data()]
+    gm = prune_unstructured(m, data, criterion=criterion, sparsity=0.6, iters=10, progress=False)
+    assert abs(gm.meta["oba"]["total"]["sparsity"] - 0.6) < 2e-3
+    assert gm.meta["oba"]["criterion"] == ("l1" if criterion == "magnitude" else criterion)
+
+
+def test_camp_adaptive_steps_and_merge():
+    from oba_fx.hessian_eigen import power_iteration
+    from oba_fx.unstructured import masks_of, prune_unstructured
+
+    m = _small_net().double()
+    data = [(x.double(), y) for x, y in _data()]
+    gm = prune_unstructured(m, data, criterion="camp", sparsity=0.8, scope="adaptive", steps=2, merge=True,
+                            iters=10, progress=False)
+    rep = gm.meta["oba"]
+    assert abs(rep["total"]["sparsity"] - 0.8) < 2e-3 and len(rep["power_iteration"]) == 2   # re-estimated
+    fr = {n: r["sparsity"] for n, r in rep["layers"].items()}
+    assert all(0.4 - 1e-3 <= f <= 0.9 + 1e-3 for f in fr.values())      # default caps (s/2, (1+s)/2)
+    # the second power iteration ran on the kept coordinates only: its vector is zero on the pruned ones
+    masks = masks_of(gm)
+    r = power_iteration(gm, data, k=1, iters=3, masks={f"{n.rsplit('.', 1)[0]}.parametrizations.weight.original": k
+                                                        for n, k in masks.items()}, progress=False)
+    v = r.eigenvectors[0]
+    assert all(float(v[f"{n.rsplit('.', 1)[0]}.parametrizations.weight.original"][~k].abs().max()) == 0
+               for n, k in masks.items())
+
+
+def test_merge_moves_pruned_mass_into_partners():
+    from oba_fx.unstructured import prune_unstructured
+
+    m = _small_net()
+    a = prune_unstructured(m, None, criterion="l1", sparsity=0.5, scope="layer", progress=False)
+    b = prune_unstructured(m, None, criterion="l1", sparsity=0.5, scope="layer", merge=True, merge_fraction=1.0,
+                           progress=False)
+    for n in ("0", "4"):
+        wa, wb, w0 = (x.get_submodule(n).weight.detach() for x in (a, b, m))
+        assert torch.equal(wa == 0, wb == 0)                                  # same masks
+        assert torch.allclose(wb.sum(), w0.sum(), atol=1e-4)                  # fraction 1 keeps each tensor's sum
+        assert not torch.equal(wa, wb)
+
+
+def test_adaptive_fractions():
+    from oba_fx.unstructured import adaptive_fractions
+
+    sizes = {"a": 100, "b": 300, "c": 600}
+    f = adaptive_fractions({"a": 0.7, "b": 0.2, "c": 0.1}, sizes, 0.6)
+    assert abs(sum(f[n] * sizes[n] for n in f) - 600) < 1e-6
+    assert f["a"] < f["b"] < f["c"] and all(0.3 - 1e-12 <= x <= 0.8 + 1e-12 for x in f.values())
+    flat = adaptive_fractions({"a": 0.7, "b": 0.2, "c": 0.1}, sizes, 0.6, beta=0.0)
+    assert all(abs(x - 0.6) < 1e-9 for x in flat.values())
+    with pytest.raises(ValueError, match="caps"):
+        adaptive_fractions({"a": 1.0}, {"a": 10}, 0.5, caps=(0.6, 0.9))
+
+
+def test_prune_unstructured_errors():
+    from oba_fx.unstructured import prune_unstructured
+
+    m = _small_net()
+    with pytest.raises(ValueError, match="needs calibration data"):
+        prune_unstructured(m, None, criterion="camp", sparsity=0.5)
+    with pytest.raises(ValueError, match="needs criterion='camp'"):
+        prune_unstructured(m, None, criterion="l1", sparsity=0.5, scope="adaptive")
+    with pytest.raises(ValueError, match="sparsity must be in"):
+        prune_unstructured(m, None, criterion="l1", sparsity=1.0)
+    with pytest.raises(ValueError, match="unknown criterion"):
+        prune_unstructured(m, None, criterion="gradnorm", sparsity=0.5)
+
+
+# ------------------------------------------------------------------------------ structured camp on the zoo
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small",
+                                  "shufflenet_v2_x0_5", "squeezenet1_1", "regnet_x_400mf", "efficientnet_b0",
+                                  "densenet121", "googlenet", "convnext_tiny"])
+def test_structured_camp_merge_verified_on_zoo_fast_subset(name):
+    """The fast subset of tests/test_zoo.py: structured camp with cyclic merging; the pipeline
+    verifies slimmed == merged-masked on every model (VerifyPass raises otherwise)."""
+    import functools
+    import torchvision
+    import oba_fx
+    from _oracle import randomize
+    from oba_fx.criteria import register_criterion, unregister_criterion
+    from oba_fx.criteria.camp import camp
+    from test_zoo import FAST, input_size
+
+    assert name in FAST
+    torch.manual_seed(0)
+    model = randomize(torchvision.models.get_model(name, weights=None)).eval()
+    s = input_size(name)
+    x = torch.randn(2, 3, s, s)
+    data = [(x, torch.randint(0, 1000, (2,)))]
+    register_criterion("camp_zoo", functools.partial(camp, iters=2), needs_data=True, whole_data=True, replace=True)
+    try:
+        out = oba_fx.prune_graph(model, x, criterion="camp_zoo", data=data, channel_ratio=0.3, merge="cyclic",
+                                 verbose=False, bn_recalibration=False)
+    finally:
+        unregister_criterion("camp_zoo")
+    rep = out.meta["oba"]
+    assert rep["merge"]["pairs"] > 0 and rep["merge"]["consumer_dims"] > 0
+    assert rep["max_rel_error"] <= 1e-4
+    assert rep["flops_after"] < rep["flops_before"]
+
+
+def test_cli_prune_unstructured_camp(capsys, data_dir, tmp_path):
+    import oba_fx
+    from oba_fx.cli import main
+    from oba_fx.unstructured import masks_of
+
+    out = tmp_path / "r20.pt"
+    code = main(["prune", "--model", "resnet20", "--data", str(data_dir), "--unstructured", "--sparsity", "0.9",
+                 "--criterion", "camp", "--calib-batches", "1", "--batch-size", "8", "--test-limit", "20",
+                 "--no-bn-recal", "--quiet", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0 and "weights pruned (0.900)" in text and "layer3.2.conv2.weight" in text
+    back = oba_fx.load(out)
+    assert back.meta["oba"]["criterion"] == "camp" and len(masks_of(back)) == 20
+    code = main(["prune", "--model", "resnet20", "--data", str(data_dir), "--unstructured", "--criterion", "l1"])
+    assert code != 0 and "--sparsity" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("hessian", ["full", "functional"])
+def test_double_backward_fallback_matches_dense(hessian, monkeypatch):
+    """The reverse-over-reverse fallback (models whose kernels lack forward-mode derivatives of
+    their backward) gives the dense eigenpairs too."""
+    import oba_fx.hessian_eigen as he
+
+    def no_forward_ad(*a, **k):
+        raise NotImplementedError("Trying to use forward AD with aten::hardsigmoid_backward that does not support it.")
+
+    monkeypatch.setattr(he, "fused_hvp", no_forward_ad)
+    model, data, dense = dense_case("gelu_layernorm")
+    H = sum(h.H if hessian == "full" else h.H_F for _, h in dense) / len(dense)
+    lam, V = _dense_top(H, 2)
+    r = he.power_iteration(model, data, k=2, iters=2000, tol=1e-10, hessian=hessian, progress=False)
+    for j in range(2):
+        assert abs(r.eigenvalues[j] - float(lam[j])) <= 1e-6 * abs(float(lam[j]))
+        v = dense[0][0].flatten(r.eigenvectors[j])
+        assert float((torch.sign(v @ V[:, j]) * v - V[:, j]).abs().max()) < 1e-6
