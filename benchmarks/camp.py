@@ -201,6 +201,7 @@ def write_plot(result: dict[str, Any], path: Path) -> None:
         for j, (kind, xl) in enumerate((("unstructured", "sparsity"), ("structured", "retained FLOPs"))):
             ax = axes[i][j]
             rows = [r for r in m["rows"] if r["kind"] == kind]
+            ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)
             for meth in dict.fromkeys(r["method"] for r in rows):
                 pts = sorted((r["target"], 100 * r["acc"]) for r in rows if r["method"] == meth)
                 ax.plot(*zip(*pts), marker="o", label=meth, ls="-" if meth.startswith("camp") else "--")
@@ -226,6 +227,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(HERE / "results" / "camp"))
+    p.add_argument("--replot", action="store_true", help="only rewrite the table and plot from OUT.json")
     return p.parse_args(argv)
 
 
@@ -235,6 +237,11 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     from oba_fx.data import data_dir
 
+    if args.replot:
+        result = json.loads(Path(args.out).with_suffix(".json").read_text())
+        write_markdown(result, Path(args.out).with_suffix(".md"))
+        write_plot(result, Path(args.out).with_suffix(".png"))
+        return 0
     ddir = data_dir(args.data)
     t0 = time.time()
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "data")}

@@ -148,7 +148,7 @@ def cmd_prune(args) -> int:
     if args.unstructured:
         pruned = _prune_unstructured(model, calib, args)
     else:
-        pruned = prune_graph(model, x, merge="cyclic" if args.merge else None, **kwargs)
+        pruned = prune_graph(model, x, merge="similar" if args.merge else None, **kwargs)
     acc["after"] = accuracy(pruned)
     if args.bn_recal and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in pruned.modules()):
         recalibrate_bn(pruned, calib)
@@ -237,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="prune individual weights (masks) to --sparsity instead of channels to --target-flops")
     pr.add_argument("--sparsity", type=float, default=None, help="with --unstructured: fraction of weights removed")
     pr.add_argument("--merge", action="store_true",
-                    help="CAMP-HiVe cyclic pair merging: fold each pruned weight / channel into a kept partner")
+                    help="CAMP-HiVe pair merging: fold each pruned weight into a cyclic kept partner (--unstructured) "
+                         "or each removed channel into the most similar kept channel of its group")
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
     pr.add_argument("--no-bn-recal", dest="bn_recal", action="store_false",
                     help="skip re-estimating BatchNorm statistics on the calibration images after pruning")

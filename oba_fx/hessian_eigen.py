@@ -18,7 +18,7 @@ Power iteration converges to the eigenvalues of largest *magnitude*; the report 
 (``v ← m ⊙ v``, ``Hv ← m ⊙ Hv``): the curvature of the network that remains after pruning.
 
 **Convergence.** Iteration ``t`` of pair ``j`` computes ``w = P H P v_t``, the Rayleigh quotient
-``λ = v_tᵀ w`` and the residual ``‖w − λ v_t‖``; it stops when that is at most ``tol · |λ|`` or after
+``λ = v_tᵀ w`` and the residual ``‖w − λ v_t‖``; it stops when that is at most ``tol · |λ| / 2`` or after
 ``iters`` products. Each earlier pair's error (mostly along the next eigenvector) leaks into the
 later ones through ``P``, so the ``k`` vectors are finally rotated by Rayleigh–Ritz (the ``k × k``
 problem ``Vᵀ H V``, ``k`` more products) and the reported residuals ``‖H v − λ v‖`` are on ``H``
@@ -30,7 +30,7 @@ Example:
     <torch._C.Generator object at ...>
     >>> m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
     >>> data = [(torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,)))]
-    >>> r = power_iteration(m, data, k=2, iters=500, tol=1e-9, hessian="full", progress=False)
+    >>> r = power_iteration(m, data, k=2, iters=1000, tol=1e-5, hessian="full", progress=False)
     >>> all(r.converged), abs(r.eigenvalues[0]) >= abs(r.eigenvalues[1])
     (True, True)
     >>> round(float(sum(v.square().sum() for v in r.eigenvectors[0].values())), 6)
@@ -57,6 +57,10 @@ from .hvp import LossFn, check_hessian, fused_hvp, trainable_param_names
 log = logging.getLogger(__name__)
 
 Vec = dict[str, torch.Tensor]
+
+#: each pair's iteration stops at this fraction of ``tol``, so that the residual on ``H`` after the
+#: final Rayleigh–Ritz rotation (which can be slightly larger) still meets ``tol``
+_INNER = 0.5
 
 
 @dataclass(frozen=True)
@@ -262,7 +266,7 @@ def _one_pair(op: _BatchHessian, v: Vec, basis: Sequence[Vec], iters: int, tol: 
         if bar is not None:
             bar.update(1)
             bar.set_postfix(pair=j + 1, eig=f"{lam:.4g}", rel_res=f"{res / max(abs(lam), 1e-300):.2e}")
-        if res <= tol * abs(lam):
+        if res <= _INNER * tol * abs(lam):
             return lam, v, t, res, True
         nw = _norm(w)
         if float(nw) == 0.0:  # v is in the null space of the deflated operator

@@ -13,8 +13,8 @@ scopes:
   bisection so that the fractions add up to the target (:func:`adaptive_fractions`). Flat
   (low-curvature) layers lose more, sharp ones less, within the caps.
 
-Importance: ``"camp"`` ``Σ_j w_j |v_j|`` (:mod:`oba_fx.criteria.camp`, options ``k``,
-``weighting``, ``times_theta``), ``"oba"`` ``|θ ⊙ Hθ|``, ``"taylor"`` ``|θ ⊙ g|`` (both averaged
+Importance: ``"camp"`` ``Σ_j w_j |v_j| · |θ|`` (``times_theta=False``: the paper's ``Σ_j w_j |v_j|``;
+:mod:`oba_fx.criteria.camp`, options ``k``, ``weighting``, ``times_theta``), ``"oba"`` ``|θ ⊙ Hθ|``, ``"taylor"`` ``|θ ⊙ g|`` (both averaged
 over batches before the absolute value, as :func:`oba_fx.score`), ``"l1"``/``"magnitude"``
 ``|θ|``; any other registered criterion is used through :func:`oba_fx.score` the same way.
 
@@ -400,7 +400,7 @@ def _check(criterion: str, sparsity: float, scope: str, steps: int, weighting: s
 def prune_unstructured(model: nn.Module, data: Iterable | None, *, criterion: str = "camp", sparsity: float,
                        scope: str = "global", merge: bool = False, merge_fraction: float = 0.5, steps: int = 1,
                        hessian: str = "full", k: int = 1, iters: int = 30, tol: float = 1e-3,
-                       weighting: str = "lambda", times_theta: bool = False, caps: tuple[float, float] | None = None,
+                       weighting: str = "lambda", times_theta: bool = True, caps: tuple[float, float] | None = None,
                        beta: float = 0.5, loss_fn: Callable | None = None, max_batches: int | None = None,
                        seed: int = 0, progress: bool = True,
                        precomputed: PowerIterationResult | Mapping[str, torch.Tensor] | None = None
@@ -421,7 +421,8 @@ def prune_unstructured(model: nn.Module, data: Iterable | None, *, criterion: st
         hessian: ``"full"`` (default) or ``"functional"``, for ``"camp"`` and ``"oba"``.
         k, iters, tol: power iteration (``"camp"``): eigenpairs, most products per pair, tolerance.
         weighting: ``"lambda"`` or ``"uniform"``: combining ``k > 1`` eigenvectors.
-        times_theta: camp importance ``Σ w_j |v_j| · |θ|`` instead of ``Σ w_j |v_j|``.
+        times_theta: camp importance ``Σ w_j |v_j| · |θ|`` (default, measured better) instead of
+            the paper's ``Σ w_j |v_j|``.
         caps: ``(lo, hi)`` per-layer fraction bounds of ``"adaptive"``.
         beta: exponent of ``"adaptive"`` (0: uniform fractions).
         loss_fn: ``loss_fn(logits, y)``; default mean cross-entropy.

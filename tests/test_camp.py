@@ -111,7 +111,7 @@ def test_camp_criterion_is_one_power_iteration_over_all_batches():
     model, data, _ = dense_case("tanh_mlp")
     s = oba_fx.score(model, data, criterion="camp", hessian="full", progress=False)
     r = power_iteration(model, data, k=1, iters=30, tol=1e-3, hessian="full", progress=False)
-    want = camp_importance(r, {n: p.detach() for n, p in model.named_parameters()})
+    want = camp_importance(r, {n: p.detach() for n, p in model.named_parameters()}, times_theta=True)
     for n in want:
         assert torch.allclose(s[n], want[n], rtol=0, atol=1e-12), n
     # not the mean of per-batch eigenvectors
