@@ -28,6 +28,9 @@ _LAZY = {
     "save": "oba_fx.io", "load": "oba_fx.io",
     "score": "oba_fx.scoring",
     "register_criterion": "oba_fx.criteria", "criterion_names": "oba_fx.criteria",
+    "power_iteration": "oba_fx.hessian_eigen", "PowerIterationResult": "oba_fx.hessian_eigen",
+    "prune_unstructured": "oba_fx.unstructured", "make_masks_permanent": "oba_fx.unstructured",
+    "masks_of": "oba_fx.unstructured",
 }
 
 __all__ = [*_LAZY, "OBAError", "TraceError", "SurgeryError", "VerificationError", "MissingAnalysisError"]

@@ -108,10 +108,33 @@ def _distill_options(args) -> dict | None:
             if v is not None}
 
 
+def _prune_unstructured(model, calib, args):
+    """``--unstructured``: :func:`oba_fx.prune_unstructured` (masks, not slimming)."""
+    from .unstructured import prune_unstructured
+
+    data = calib if get_criterion(args.criterion).needs_data else None
+    return prune_unstructured(model, data, criterion=args.criterion, sparsity=args.sparsity, steps=args.steps,
+                              merge=args.merge, max_batches=args.calib_batches, progress=not args.quiet)
+
+
+def _sparsity_table(report: dict) -> str:
+    rows = [f"{'weight':34s} {'numel':>9s} {'sparsity':>9s}"]
+    rows += [f"{n:34s} {r['numel']:9d} {r['sparsity']:9.3f}" for n, r in report["layers"].items()]
+    t = report["total"]
+    rows.append(f"\ntotal: {t['zeros']:,} of {t['numel']:,} weights pruned ({t['sparsity']:.3f}); masks held by "
+                "torch.nn.utils.parametrize (oba_fx.make_masks_permanent removes them)")
+    return "\n".join(rows)
+
+
+
+
 def _check_prune_args(args) -> Path:
     """Everything that can be checked before minutes of work; returns where the model goes."""
     if not 0.0 < args.target_flops <= 1.0:
         raise BadInputError(f"--target-flops is the retained FLOPs fraction and must be in (0, 1], got {args.target_flops}")
+    if args.unstructured and (args.sparsity is None or not 0.0 <= args.sparsity < 1.0):
+        raise BadInputError(f"--unstructured needs --sparsity in [0, 1) (the fraction of weights removed), "
+                            f"got {args.sparsity}")
     for flag in ("calib_batches", "batch_size", "steps"):
         if getattr(args, flag) < 1:
             raise BadInputError(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
@@ -156,9 +179,13 @@ def cmd_prune(args) -> int:
                   ranking=args.ranking, verbose=not args.quiet)
     kwargs.update(data=calib, max_batches=args.calib_batches, compensate=args.compensate,
                   bn_recalibration={"auto": None, "on": True, "off": False}[args.bn_recal])
-    pruned = prune_graph(model, x, **kwargs)
+    if args.unstructured:
+        pruned = _prune_unstructured(model, calib, args)
+    else:
+        pruned = prune_graph(model, x, merge="similar" if args.merge else None, **kwargs)
     r = pruned.meta["oba"]
-    how = [w for w, on in (("compensated", r.get("compensation")), ("BN recalibrated", r["bn_recalibrated"])) if on]
+    how = [w for w, on in (("compensated", r.get("compensation")), ("BN recalibrated", r.get("bn_recalibrated")))
+           if on]
     acc["after" + (f" ({', '.join(how)})" if how else "")] = accuracy(pruned, "after")
     history = None
     if args.finetune_epochs > 0:
@@ -168,9 +195,12 @@ def cmd_prune(args) -> int:
                            checkpoint_dir=f"{out_path}.ckpt", teacher=teacher, **(distill or {}))
         how = " (distilled)" if teacher is not None else ""
         acc[f"after {args.finetune_epochs} fine-tuning epoch(s){how}"] = accuracy(pruned, "after fine-tuning")
-    print(layer_table(r, model, pruned))
-    print(f"\nFLOPs {r['flops_before']:,} -> {r['flops_after']:,} ({r['flops_after'] / r['flops_before']:.3f}); "
-          f"params {r['params_before']:,} -> {r['params_after']:,} ({r['params_after'] / r['params_before']:.3f})")
+    if args.unstructured:
+        print(_sparsity_table(r))
+    else:
+        print(layer_table(r, model, pruned))
+        print(f"\nFLOPs {r['flops_before']:,} -> {r['flops_after']:,} ({r['flops_after'] / r['flops_before']:.3f}); "
+              f"params {r['params_before']:,} -> {r['params_after']:,} ({r['params_after'] / r['params_before']:.3f})")
     sizes = [len(dl.dataset) for dl in tests.values()]
     for k, accs in acc.items():
         parts = ", ".join(f"{100 * a:5.1f} % on {n} {name}" for a, n, name in zip(accs, sizes, tests))
@@ -265,6 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--distill-temperature", type=float, default=None, help="distillation temperature (default 4)")
     pr.add_argument("--distill-weight", type=float, default=None,
                     help="share of the distillation term in the fine-tuning loss, in [0, 1] (default 0.9)")
+    pr.add_argument("--unstructured", action="store_true",
+                    help="prune individual weights (masks) to --sparsity instead of channels to --target-flops")
+    pr.add_argument("--sparsity", type=float, default=None, help="with --unstructured: fraction of weights removed")
+    pr.add_argument("--merge", action="store_true",
+                    help="CAMP-HiVe pair merging: fold each pruned weight into a cyclic kept partner (--unstructured) "
+                         "or each removed channel into the most similar kept channel of its group")
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
     pr.add_argument("--out", help="where to save the pruned GraphModule (oba_fx.save; default "
                                   "oba_fx_out/<model>-flops<target>.pt); the HTML report goes next to it")

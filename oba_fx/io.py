@@ -20,7 +20,10 @@ the generated code it re-runs, can execute arbitrary code. Only load files you t
 
 File layout (``torch.save`` of a dict): ``format`` (``"oba_fx.graph_module"``), ``version``,
 ``torch_version``, ``code`` (the generated source, for reading), ``graph_module`` (the module,
-pickled by torch.fx), ``meta`` (``gm.meta``), ``training``.
+pickled by torch.fx), ``meta`` (``gm.meta``), ``training``, ``masks`` (``{parameter name: bool
+mask}`` of the unstructured masks of :func:`oba_fx.prune_unstructured`: torch cannot pickle a
+parametrized module, so the module is stored with its masked weights and :func:`load` registers
+the masks again; empty otherwise).
 
 Example:
     >>> import os, tempfile, torch, oba_fx
@@ -116,6 +119,7 @@ def save(gm: torch.fx.GraphModule, path: str | os.PathLike) -> Path:
         raise BadInputError("cannot save a module that refers to classes or functions defined inside a function "
                          "(no program could import them to load it): " + "; ".join(bad)
                          + ". Define them at module level.")
+    gm, masks = _without_masks(gm)
     main = _main_refs(gm)
     if main:
         logger.warning("the saved module refers to %s from __main__: loading it needs them defined in the "
@@ -136,6 +140,7 @@ def save(gm: torch.fx.GraphModule, path: str | os.PathLike) -> Path:
         "graph_module": plain,
         "meta": dict(gm.meta),
         "training": gm.training,
+        "masks": masks,
     }
     path = Path(path)
     try:
@@ -146,6 +151,24 @@ def save(gm: torch.fx.GraphModule, path: str | os.PathLike) -> Path:
     logger.info("saved GraphModule (%d parameters) to %s",
                 sum(p.numel() for p in gm.parameters()), path)
     return path
+
+
+def _without_masks(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, dict[str, torch.Tensor]]:
+    """``(gm, {})``, or for a module with unstructured masks (:mod:`oba_fx.unstructured`, which
+    torch cannot pickle) a copy with the masks made permanent and the masks themselves."""
+    from torch.nn.utils import parametrize
+
+    if not any(parametrize.is_parametrized(m) for m in gm.modules()):
+        return gm, {}
+    from .unstructured import unmasked_copy
+
+    plain, masks = unmasked_copy(gm)
+    other = [n for n, m in plain.named_modules() if parametrize.is_parametrized(m)]
+    if other:
+        raise ValueError(f"cannot save: modules {other[:4]} carry parametrizations other than oba_fx's weight masks; "
+                         "remove them first (torch.nn.utils.parametrize.remove_parametrizations)")
+    plain.meta = gm.meta
+    return plain, masks
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
@@ -219,6 +242,10 @@ def load(path: str | os.PathLike, *, map_location: Any = None) -> torch.fx.Graph
         raise BadInputError(f"{str(path)!r}: 'graph_module' holds a {type(gm).__name__}, not a module")
     gm.meta = obj.get("meta", {})
     gm.training = bool(obj.get("training", gm.training))
+    if obj.get("masks"):
+        from .unstructured import apply_masks
+
+        apply_masks(gm, obj["masks"])
     if obj.get("torch_version") != torch.__version__:
         logger.info("%s was written by torch %s, read by torch %s", path, obj.get("torch_version"),
                     torch.__version__)

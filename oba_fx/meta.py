@@ -38,6 +38,8 @@ COMPENSATION = "oba.compensation"
 HESSIAN_STRUCTURE = "oba.hessian_structure"
 #: gm.meta: the fused HVP program, see ``passes/hvp_codegen.py``
 HVP_PROGRAM = "oba.hvp_program"
+#: gm.meta: :class:`oba_fx.merging.MergeRecord` — removed units folded into kept partners
+MERGED = "oba.merged"
 #: gm.meta on a slimmed graph: the relative error of the slimmed == masked check
 VERIFIED = "oba.verified"
 #: gm.meta on a slimmed graph: whether BatchNorm statistics were re-estimated
@@ -55,6 +57,7 @@ PRODUCERS = {
     COMPENSATION: "oba_fx.passes.compensate.CompensatePass",
     HESSIAN_STRUCTURE: "oba_fx.passes.hessian_structure.HessianStructurePass",
     HVP_PROGRAM: "oba_fx.passes.hvp_codegen.HVPCodegen",
+    MERGED: "oba_fx.passes.merge.MergePass",
     VERIFIED: "oba_fx.passes.verify.VerifyPass",
     BN_RECALIBRATED: "oba_fx.passes.bn_recalibration.BNRecalibrationPass",
 }

@@ -67,6 +67,10 @@ def score(model: nn.Module, data: Iterable | None, *, example_inputs: Any = None
       sample (exact when batch statistics couple the samples).
     * ``"obd_hutchinson"``: ``θ² ⊙ d`` with ``d = (1/K) Σ_k r_k ⊙ (H r_k)`` the Hutchinson
       estimate of ``diag(H)`` (full Hessian) from ``K = probes`` Rademacher vectors per batch.
+    * ``"camp"`` (CAMP-HiVe): ``Σ_j w_j |v_j|`` over the top eigenvectors of the Hessian of the
+      loss averaged over *all* batches (:func:`oba_fx.power_iteration`; registered with
+      ``per_batch=False``, so it is called once with every batch rather than averaged per
+      batch; ``hessian`` picks ``H_F`` or ``H``, see :mod:`oba_fx.criteria.camp`).
     * data-free: ``"l1"`` ``|θ|``, ``"l2"`` ``θ²``, ``"random"`` uniform ``[0, 1)`` noise drawn
       from ``torch.Generator().manual_seed(seed)`` (float32, in parameter order, then cast).
 
@@ -103,7 +107,7 @@ def score(model: nn.Module, data: Iterable | None, *, example_inputs: Any = None
         Traceback (most recent call last):
         ...
         oba_fx.criteria.UnknownCriterionError: unknown criterion 'gradnorm'; expected one of l1, l2, random, \
-oba, taylor, obd_fisher, obd_hutchinson, obs (or register your own with oba_fx.criteria.register_criterion)
+oba, taylor, obd_fisher, obd_hutchinson, obs, camp (or register your own with oba_fx.criteria.register_criterion)
     """
     crit = get_criterion(criterion)
     check_hessian(hessian)
@@ -134,7 +138,7 @@ oba, taylor, obd_fisher, obd_hutchinson, obs (or register your own with oba_fx.c
         if crit.per_batch:
             out = _batch_mean(ctx, fn, batches(), criterion)
         else:
-            out = fn(ctx, batches())
+            out = fn(ctx, list(batches()))  # a whole-data criterion may pass over them many times
             check_finite_scores(out, f"criterion {criterion!r}")
     if seen[0] == 0:
         raise BadInputError("no batches: `data` yielded nothing (or max_batches=0)")

@@ -351,7 +351,7 @@ def select(gm: torch.fx.GraphModule, c: Coupling, scores: Mapping[str, torch.Ten
 
     n = c.n_units
     if target.kind == "channels":
-        k = int(round(target.value * int(c.prunable.sum()))) if max_units is None else len(order)
+        k = int(round(target.value * int(np.count_nonzero(~np.isnan(us))))) if max_units is None else len(order)
         if k > len(order):
             raise BadInputError(
                 f"channel_ratio={target.value} asks for {k} channels but only {len(order)} can go under "

@@ -38,6 +38,7 @@ from .bn_recalibration import BNRecalibrationPass
 from .compensate import CompensatePass
 from .coupling import CouplingPass
 from .hessian_structure import HessianStructurePass
+from .merge import MergePass
 from .score import ScorePass
 from .select import SelectPass
 from .shape_prop import ShapePropPass
@@ -68,6 +69,8 @@ class PruneConfig:
         progress: progress bars.
         analysis: options of :func:`analyze_model` (``leaf_modules``, ``concrete_args``,
             ``frozen_modules``, ``norm_width``).
+        merge: ``None``, or ``(mode, fraction)`` to fold removed units into kept partners
+            between selection and slimming (:class:`~oba_fx.passes.merge.MergePass`).
     """
 
     criterion: str
@@ -82,6 +85,7 @@ class PruneConfig:
     bn_recalibration: bool = True
     progress: bool = True
     analysis: Mapping[str, Any] = field(default_factory=dict)
+    merge: tuple[str, float] | None = None
 
 
 def analyze_model(model: torch.nn.Module, example_inputs: Sequence[Any], *, leaf_modules: Iterable = (),
@@ -107,9 +111,10 @@ def analyze_model(model: torch.nn.Module, example_inputs: Sequence[Any], *, leaf
 
 def prune(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], scores: Mapping[str, torch.Tensor] | None,
           target: Target, *, verify: bool = True, rtol: float = 1e-4, max_units: int | None = None,
-          absolute: float | None = None, compensate: CompensatePass | None = None) -> torch.fx.GraphModule:
-    """Select, (compensate,) slim and verify an analysed graph; returns the slimmed GraphModule
-    with its report.
+          absolute: float | None = None, compensate: CompensatePass | None = None,
+          merge: tuple[str, float] | None = None) -> torch.fx.GraphModule:
+    """Select, (merge or compensate,) slim and verify an analysed graph; returns the slimmed
+    GraphModule with its report.
 
     ``scores`` (per parameter) are stored as ``gm.meta["oba.scores"]``; with ``None`` the scores
     a :class:`~oba_fx.passes.score.ScorePass` already wrote are used. ``compensate`` re-fits the
@@ -119,6 +124,8 @@ def prune(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], scores: Mappi
     if scores is not None:
         gm.meta[M.SCORES] = scores
     SelectPass(target, max_units, absolute)(gm)
+    if merge is not None:
+        MergePass(*merge)(gm)
     if compensate is not None:
         compensate(gm)
     comp = gm.meta.get(M.COMPENSATION)
@@ -132,6 +139,8 @@ def prune(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], scores: Mappi
         n.meta.pop(M.SPACES, None)
     out.meta[M.REPORT] = build_report(gm, out, c, sel, target, err)
     out.meta[M.REPORT]["compensation"] = compensation_summary(comp)
+    if merge is not None:
+        out.meta[M.REPORT]["merge"] = gm.meta[M.MERGED].summary()
     return out
 
 
@@ -145,7 +154,7 @@ def prune_step(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], config: 
         comp = CompensatePass(config.data, max_batches=config.max_batches, progress=config.progress,
                               **config.compensation)
     return prune(gm, example_inputs, None, config.target, verify=config.verify, rtol=config.rtol,
-                 max_units=max_units, absolute=absolute, compensate=comp)
+                 max_units=max_units, absolute=absolute, compensate=comp, merge=config.merge)
 
 
 def run(model: torch.nn.Module, example_inputs: Sequence[Any], config: PruneConfig) -> torch.fx.GraphModule:

@@ -15,9 +15,10 @@ A criterion's function is called as
 
 * ``fn(ctx)`` when it needs no data,
 * ``fn(ctx, x, y)`` for each calibration batch when it does (the scores are averaged), or
-* ``fn(ctx, batches)`` once, with an iterator over every ``(x, y)`` batch, when it is declared
-  ``per_batch=False`` (statistics that are not an average of per-batch scores: Gram matrices,
-  power iterations),
+* ``fn(ctx, batches)`` once, with the list of every checked ``(x, y)`` batch, when it is declared
+  ``per_batch=False``: statistics that are not a mean of per-batch scores (Gram matrices for
+  ``"obs"``; power iteration for ``"camp"``, which needs the Hessian of the batch-averaged loss:
+  the average of per-batch eigenvectors is not an eigenvector of anything),
 
 with ``ctx`` a :class:`oba_fx.criteria.context.ScoreContext` (the model, its scored parameter
 names and values, the loss, and helpers for the gradient, ``H θ`` and diagonal estimates).
@@ -69,7 +70,7 @@ class Criterion:
             alone (``fn(ctx)``).
         needs_hvp: whether it multiplies by the Hessian (``ctx.hvp``): the costly criteria.
         description: one line for ``--help`` and the README.
-        per_batch: ``fn(ctx, x, y)`` per batch, averaged (default), or ``fn(ctx, batches)`` once.
+        per_batch: ``fn(ctx, x, y)`` per batch, averaged (default), or ``fn(ctx, batches)`` once with every batch (implies ``needs_data``).
         ranking: the ranking it is meant for (:data:`oba_fx.select.RANKINGS`) when the user
             names none; ``None``: the default ``"group_max"``.
     """
@@ -120,6 +121,8 @@ def register_criterion(name: str, fn: Callable[..., Any] | str | None = None, *,
         raise BadInputError(f"criterion name must be an identifier such as 'my_score', got {name!r}")
     if name in REGISTRY and not replace:
         raise BadInputError(f"criterion {name!r} is already registered; pick another name or pass replace=True")
+    if not per_batch and not needs_data:
+        raise BadInputError(f"criterion {name!r}: per_batch=False needs needs_data=True (it is called with the batches)")
 
     def add(f: Callable[..., Any] | str) -> Criterion:
         c = Criterion(name, f, bool(needs_data), bool(needs_hvp), description, bool(per_batch), ranking)
@@ -165,7 +168,7 @@ def get_criterion(name: str) -> Criterion:
         Traceback (most recent call last):
         ...
         oba_fx.criteria.UnknownCriterionError: unknown criterion 'gradnorm'; expected one of l1, l2, random, \
-oba, taylor, obd_fisher, obd_hutchinson, obs (or register your own with oba_fx.criteria.register_criterion)
+oba, taylor, obd_fisher, obd_hutchinson, obs, camp (or register your own with oba_fx.criteria.register_criterion)
     """
     c = REGISTRY.get(name)
     if c is None:
@@ -191,3 +194,5 @@ register_criterion("obd_hutchinson", f"{_SO}:obd_hutchinson", needs_data=True, n
 register_criterion("obs", "oba_fx.criteria.obs:obs", needs_data=True, per_batch=False, ranking="global",
                    description="loss change of removing a unit after the least-squares re-fit of its consumers "
                                "(OBS with a Fisher-weighted output error)")
+register_criterion("camp", "oba_fx.criteria.camp:camp", needs_data=True, needs_hvp=True, per_batch=False,
+                   description="|v| of the top Hessian eigenvector by power iteration over all batches (CAMP-HiVe)")
