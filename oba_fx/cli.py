@@ -205,11 +205,12 @@ def cmd_prune(args) -> int:
     for k, accs in acc.items():
         parts = ", ".join(f"{100 * a:5.1f} % on {n} {name}" for a, n, name in zip(accs, sizes, tests))
         print(f"accuracy {k:40s}: {parts}")
-    print(f"({args.criterion}, ranking {r['target']['ranking']}, {args.steps} step(s); {time.time() - t0:.0f} s)")
+    how = "unstructured" if args.unstructured else f"ranking {r['target']['ranking']}"
+    print(f"({args.criterion}, {how}, {args.steps} step(s); {time.time() - t0:.0f} s)")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     save(pruned, out_path)
     print(f"saved the pruned model to {out_path} (load it with oba_fx.load, or oba-fx eval --model {out_path})")
-    if args.report != "none":
+    if args.report != "none" and not args.unstructured:
         args.out = str(out_path)
         print(f"report: {write_report(args, model, x, pruned, acc, tests, history)}")
     return 0
