@@ -146,24 +146,27 @@ def unit_flops(gm: torch.fx.GraphModule, c: Coupling) -> np.ndarray:
     return out
 
 
-def summed_units(c: Coupling) -> np.ndarray:
-    """``bool[n_units]``: units written by two or more layers (a residual stream's channels).
+def summed_units(gm: torch.fx.GraphModule, c: Coupling) -> np.ndarray:
+    """``bool[n_units]``: channels of a residual stream: written by two or more layers and added.
 
     A layer *writes* unit ``u`` when ``u`` is in its weight's output dimension but not in its
     weight's input dimension (a depthwise or grouped convolution carries its input channels
-    through and writes nothing new). Layers that write the same channel have their outputs
-    added somewhere (a residual add, the sum of two branches). Removing such a channel removes
-    it from every block of the stream at once, and the identity paths carrying it cannot be
-    re-fit by compensation.
+    through and writes nothing new). A unit is summed when at least two layers write it and an
+    op that adds its operands (``OpRule.sums``) adds two operands carrying it (a residual add).
+    Removing such a channel removes it from every block of the stream at once, and the identity
+    paths carrying it cannot be re-fit by compensation. (Attention heads are written by the q,
+    k and v projections but multiplied, not added: they are not summed.)
 
     Example:
         >>> import torch, torchvision
         >>> from oba_fx.passes.pipeline import analyze_model
         >>> gm = analyze_model(torchvision.models.resnet18(), (torch.randn(1, 3, 32, 32),))
         >>> c = gm.meta["oba.coupling"]
-        >>> int((summed_units(c) & c.prunable).sum())   # 64 + 128 + 256 + 512 stream channels
+        >>> int((summed_units(gm, c) & c.prunable).sum())   # 64 + 128 + 256 + 512 stream channels
         960
     """
+    from .ops import rule_for_node, tensor_spaces
+
     writers = np.zeros(c.n_units, dtype=np.int64)
     for (name, dim), s in c.param_spaces.items():
         if dim != 0 or (name, 1) not in c.param_spaces:
@@ -171,7 +174,17 @@ def summed_units(c: Coupling) -> np.ndarray:
         inp = set(c.units_of(c.param_spaces[(name, 1)]).tolist())
         out = np.unique(c.units_of(s))
         writers[[u for u in out.tolist() if u not in inp]] += 1
-    return writers >= 2
+    added = np.zeros(c.n_units, dtype=bool)
+    for node in gm.graph.nodes:
+        rule = rule_for_node(gm, node) if node.op in ("call_function", "call_method") else None
+        if rule is None or not rule.sums:
+            continue
+        counts = np.zeros(c.n_units, dtype=np.int64)
+        for a in node.all_input_nodes:
+            for s in tensor_spaces(a).spaces:
+                counts[np.unique(c.units_of(s))] += 1
+        added |= counts >= 2
+    return (writers >= 2) & added
 
 
 def unit_space_counts(c: Coupling) -> list[list[tuple[int, int]]]:
@@ -335,7 +348,7 @@ def select(gm: torch.fx.GraphModule, c: Coupling, scores: Mapping[str, torch.Ten
     cost = unit_flops(gm, c) if target.ranking == "per_flop" else None
     us = unit_scores(c, scores, target.ranking, cost)
     if target.keep_summed:
-        us[summed_units(c)] = np.nan
+        us[summed_units(gm, c)] = np.nan
     sizes = np.array([s.size for s in c.spaces], dtype=np.int64)
     order = order_with_caps(us, unit_space_counts(c), sizes, np.full(len(sizes), target.max_layer_ratio),
                             target.min_channels)

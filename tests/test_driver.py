@@ -199,3 +199,18 @@ def test_round_to_gives_every_layer_a_multiple_not_only_every_group(ratio):
     out = oba_fx.prune_graph(net, torch.randn(1, 3, 8, 8), channel_ratio=ratio, round_to=4, verbose=False)
     a, b = out.get_submodule("a").out_channels, out.get_submodule("b").out_channels
     assert a % 4 == 0 and b % 4 == 0 and a + b < 16
+
+
+def test_residual_streams_are_kept_by_default_and_pruned_on_request():
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    x = torch.randn(1, 3, 32, 32)
+    kept = oba_fx.prune_graph(model, x, channel_ratio=0.4, verbose=False)
+    assert kept.meta["oba"]["target"]["keep_residual"]
+    assert [kept.get_submodule(f"layer{i}.0.conv2").out_channels for i in (1, 2, 3, 4)] == [64, 128, 256, 512]
+    assert all(kept.get_submodule(f"layer{i}.0.conv1").out_channels < w for i, w in zip((1, 2, 3, 4),
+                                                                                       (64, 128, 256, 512)))
+    free = oba_fx.prune_graph(model, x, channel_ratio=0.4, keep_residual=False, verbose=False)
+    assert sum(free.get_submodule(f"layer{i}.0.conv2").out_channels for i in (1, 2, 3, 4)) < 960

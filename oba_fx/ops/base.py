@@ -56,6 +56,8 @@ class OpRule:
         curvature: second-derivative class (a :class:`Curvature`; its value string is accepted).
         curvature_of: ``fn(module) -> Curvature`` for a module whose class depends on its state
             (BatchNorm with batch statistics is smooth); ``None``: always :attr:`curvature`.
+        sums: the op adds its tensor operands elementwise (``a + b``): channels several layers
+            write and this op sums form a residual stream (:func:`oba_fx.select.summed_units`).
         renormalises: ``"layer"`` or ``"rms"`` for a norm over the last dim whose kept channels
             are renormalised when some are removed (the masked reference does the same, see
             :func:`oba_fx.masking.masked_norm`); ``None`` otherwise.
@@ -68,6 +70,7 @@ class OpRule:
     curvature: Curvature = Curvature.LINEAR
     curvature_of: Callable[[nn.Module], Curvature] | None = None
     renormalises: str | None = None
+    sums: bool = False
 
     def __post_init__(self) -> None:
         try:

@@ -53,7 +53,7 @@ STOCHASTIC_DEPTH = register(
     functions=(_stochastic_depth,) if _stochastic_depth else (),
 )
 ADD_LIKE = register(
-    OpRule("add", couple_broadcast, None, None, "linear"),
+    OpRule("add", couple_broadcast, None, None, "linear", sums=True),
     functions=(operator.add, operator.sub, operator.iadd, operator.isub, torch.add, torch.sub,
                torch.subtract),
     methods=("add", "add_", "sub", "sub_"),
