@@ -1,5 +1,5 @@
 """Compensation on the pretrained ResNet-56: one-shot accuracy of masks only, BN recalibration,
-least-squares compensation, and both in either order (issue 10, DESIGN.md §6).
+least-squares compensation, and both in either order (issue 10; ``docs/design.md`` "Compensation").
 
 Pipeline pieces used: ``analyze_model`` -> ``SelectPass`` (criterion ``l1``) -> ``CompensatePass``
 -> ``SlimPass`` -> ``VerifyPass`` (against the compensated masked reference), and

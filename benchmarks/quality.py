@@ -2,7 +2,9 @@
 
 For every (criterion, retained-FLOPs target r), starting each time from the dense pretrained model:
 
-1. prune one-shot with ``oba_fx.prune_graph(..., bn_recalibration=False)`` using ``--calib-batches``
+1. prune one-shot with ``oba_fx.prune_graph(..., bn_recalibration=False, compensate=False,
+   keep_residual=False)`` (the protocol of the first measurements; ``benchmarks/ranking.py`` measures
+   the current defaults, compensation and kept residual streams) using ``--calib-batches``
    shuffled training batches of ``--calib-batch-size`` (fixed seed, the same batches for every
    criterion) -> accuracy "one-shot";
 2. re-estimate the BatchNorm statistics (``oba_fx.bn.recalibrate_bn``) on ``--bn-images`` other
@@ -705,7 +707,8 @@ def main(argv=None) -> int:
                 t = time.perf_counter()
                 slim = prune_graph(dense, ex, criterion=crit, target_flops=r, data=calib,
                                    max_batches=args.calib_batches, hessian=hess, steps=1,
-                                   bn_recalibration=False, seed=args.seed, verbose=False)
+                                   bn_recalibration=False, seed=args.seed, verbose=False,
+                                   compensate=False, keep_residual=False)  # this benchmark's protocol
                 row["prune_s"] = time.perf_counter() - t
                 meta = slim.meta["oba"]
                 row.update(flops_before=meta["flops_before"], flops_after=meta["flops_after"],

@@ -66,7 +66,8 @@ def run_one(name: str, criterion: str, args) -> dict:
             for _ in range(args.calib)]
     t = time.perf_counter()
     out = oba_fx.prune_graph(model, x, criterion=criterion, target_flops=args.ratio,
-                             data=data if get_criterion(criterion).needs_data else None, verbose=False)
+                             data=data if get_criterion(criterion).needs_data else None, verbose=False,
+                             compensate=False)  # synthetic data: measure the mechanics only
     wall = time.perf_counter() - t
     r = out.meta["oba"]
     return {"model": name, "criterion": criterion, "seconds": round(wall, 1),

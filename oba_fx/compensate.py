@@ -1,5 +1,5 @@
 """Compensation: re-fit the layers that read removed units so that they reproduce the dense
-network's outputs (DESIGN.md §6, the "update what remains" half of Optimal Brain Surgeon).
+network's outputs (the "update what remains" half of Optimal Brain Surgeon; ``docs/design.md`` "Compensation").
 
 For every conv / linear layer whose input columns lose units (and, with ``scope="all"``, every
 conv / linear layer), its kept input weights and its bias are re-fit by ridge least squares:
