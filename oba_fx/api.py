@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from .checks import check_finite_model, check_inputs_usable
 from .criteria import criterion_names, get_criterion
+from .distributed import is_main
 from .passes.pipeline import PruneConfig, analyze_model, run
 from .select import Target
 from .tracing import as_tuple
@@ -176,7 +177,7 @@ def prune_graph(model: nn.Module, example_inputs: Any, *, criterion: str = "l1",
     check_inputs_usable(inputs, "example_inputs")
     config = PruneConfig(
         criterion=criterion, target=target, data=data, max_batches=max_batches, steps=int(steps), verify=verify,
-        rtol=rtol, bn_recalibration=bn_recalibration, progress=verbose,
+        rtol=rtol, bn_recalibration=bn_recalibration, progress=verbose and is_main(),
         compensation=(dict(COMPENSATION_DEFAULTS, **compensate) if isinstance(compensate, dict)
                       else dict(COMPENSATION_DEFAULTS) if compensate else None),
         score_options={"seed": seed, "hessian": hessian, "loss_fn": loss_fn},

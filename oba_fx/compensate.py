@@ -55,6 +55,7 @@ from tqdm.auto import tqdm
 
 from .batches import inputs_of, take
 from .spaces import Coupling
+from .distributed import all_reduce_sum, is_main, shard, sum_number, world
 from .masking import masked_reference
 from .tracing import eval_mode
 from oba_fx.errors import BadInputError
@@ -336,13 +337,15 @@ class _Walk:
 
 
 def _batches(data: Iterable, max_batches: int | None) -> list[tuple]:
+    """This rank's share of the calibration inputs (all of them without a process group)."""
     out = []
-    for batch in take(data, max_batches):
+    for batch in shard(take(data, max_batches)):
         x = inputs_of(batch)
         out.append(tuple(x) if isinstance(x, (tuple, list)) else (x,))
     if not out:
-        raise BadInputError("compensation needs calibration batches: data= gave none (pass an iterable of "
-                         "(inputs, targets) batches, or bare input batches)")
+        more = f" for each of the {world()} ranks" if world() > 1 else ""
+        raise BadInputError(f"compensation needs calibration batches{more}: data= gave too few (pass an iterable "
+                            "of (inputs, targets) batches, or bare input batches)")
     return out
 
 
@@ -370,6 +373,8 @@ def _fit(layer: _Layer, root: nn.Module, xs: list, ys: list, positions: int | No
         xtx, xty = (a, b) if xtx is None else (xtx + a, xty + b)
         yy += float(Y.square().sum())
         rows += X.shape[0]
+    xtx, xty = all_reduce_sum(xtx), all_reduce_sum(xty)  # the other ranks' images (data parallel)
+    yy, rows = sum_number(yy), int(sum_number(rows))
     n_weight = xtx.shape[0] - (layer.bias is not None)
     before = _rel_error(_current(root, layer).to(xtx.device), xtx, xty, yy)
     theta = ridge_solve(xtx, xty, n_weight, ridge)
@@ -408,12 +413,12 @@ def compensate(gm: torch.fx.GraphModule, c: Coupling, removed: np.ndarray, data:
     t0 = time.perf_counter()
     layers, skipped = find_layers(gm, c, removed, scope)
     inputs = _batches(data, max_batches)
-    images = sum(int(_flat(x)[0].shape[0]) for x in inputs if _flat(x))
+    images = int(sum_number(sum(int(_flat(x)[0].shape[0]) for x in inputs if _flat(x))))
     masked = masked_reference(gm, c, removed)
     todo = {l.node: l for l in layers}
     gen = torch.Generator().manual_seed(seed)
     fits: list[LayerFit] = []
-    bar = tqdm(total=len(layers), desc="compensation", unit="layer", disable=None if progress else True,
+    bar = tqdm(total=len(layers), desc="compensation", unit="layer", disable=None if progress and is_main() else True,
                leave=False)
     ref = gm if reference is None else reference
     with eval_mode(ref), eval_mode(masked):
@@ -427,15 +432,15 @@ def compensate(gm: torch.fx.GraphModule, c: Coupling, removed: np.ndarray, data:
             assert pruned.step() is node
         out_p, out_d = pruned.finish(), dense.finish()
     bar.close()
-    num = sum(float((a.double() - b.double()).square().sum()) for o, d in zip(out_p, out_d)
-              for a, b in zip(_flat(o), _flat(d)))
-    den = sum(float(b.double().square().sum()) for d in out_d for b in _flat(d))
+    num = sum_number(sum(float((a.double() - b.double()).square().sum()) for o, d in zip(out_p, out_d)
+                         for a, b in zip(_flat(o), _flat(d))))
+    den = sum_number(sum(float(b.double().square().sum()) for d in out_d for b in _flat(d)))
     for layer in layers:  # the user's copy gets the re-fit weights
         for name in (layer.weight, layer.bias):
             if name is not None:
                 with torch.no_grad():
                     _get(gm, name).copy_(_get(masked, name))
-    rec = Compensation(tuple(fits), tuple(skipped), images, len(inputs), positions, ridge, seed, scope,
+    rec = Compensation(tuple(fits), tuple(skipped), images, int(sum_number(len(inputs))), positions, ridge, seed, scope,
                        float(np.sqrt(num / den)) if den > 0 else 0.0, time.perf_counter() - t0)
     log.info("compensation: re-fit %d layers (%d skipped) on %d images in %.1f s; output error vs dense %.3g",
              len(fits), len(skipped), images, rec.seconds, rec.output_rel_error)

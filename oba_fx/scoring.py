@@ -36,6 +36,7 @@ from .batches import bar, length, take, to_device
 from .checks import check_finite_scores, check_inputs_usable
 from .criteria import criterion_names, get_criterion
 from .criteria.context import ScoreContext
+from .distributed import all_reduce_sum, is_main, shard, sum_number
 from .hvp import HESSIAN_MODES, LossFn, check_hessian
 from oba_fx.errors import BadInputError
 
@@ -126,37 +127,39 @@ oba, taylor, obd_fisher, obd_hutchinson, obs, camp (or register your own with ob
     log.info("scoring %d parameter tensors with %r (hessian=%s, mode=%s)", len(ctx.names), criterion, hessian, mode)
     seen = [0]
 
-    def batches() -> Iterator[tuple[Any, Any]]:
-        for i, batch in enumerate(bar(take(data, max_batches), progress, f"score[{criterion}]",
-                                      length(data, max_batches))):
+    def batches(sharded: bool) -> Iterator[tuple[Any, Any]]:
+        items = enumerate(take(data, max_batches))
+        for i, batch in bar(shard(items) if sharded else items, progress and is_main(), f"score[{criterion}]",
+                            length(data, max_batches)):
             x, y = to_device(batch[0], device), to_device(batch[1], device)
             check_inputs_usable(x, f"calibration batch {i}")
             seen[0] += 1
             yield x, y
 
     with _scoring_mode(model, mode):
-        if crit.per_batch:
-            out = _batch_mean(ctx, fn, batches(), criterion)
-        else:
-            out = fn(ctx, list(batches()))  # a whole-data criterion may pass over them many times
+        if crit.per_batch:  # each rank scores its share; the sums are added over the ranks
+            totals = _like_params(model, _batch_sum(ctx, fn, batches(True), criterion))
+            n = sum_number(seen[0])
+            out = {k: all_reduce_sum(t) / max(n, 1) for k, t in totals.items()}
+        else:  # a whole-data criterion sees every batch (on every rank) and may pass over them many times
+            out = fn(ctx, list(batches(False)))
+            n = seen[0]
             check_finite_scores(out, f"criterion {criterion!r}")
-    if seen[0] == 0:
+    if n == 0:
         raise BadInputError("no batches: `data` yielded nothing (or max_batches=0)")
-    log.info("scored %d batches", seen[0])
+    log.info("scored %d batches", int(n))
     return _like_params(model, out)
 
 
-def _batch_mean(ctx: ScoreContext, fn: Any, batches: Iterable, criterion: str) -> dict[str, torch.Tensor]:
-    """The mean over batches of ``fn(ctx, x, y)``."""
+def _batch_sum(ctx: ScoreContext, fn: Any, batches: Iterable, criterion: str) -> dict[str, torch.Tensor]:
+    """The sum over batches of ``fn(ctx, x, y)``."""
     totals: dict[str, torch.Tensor] = {}
-    n = 0
     for i, (x, y) in enumerate(batches):
         per = fn(ctx, x, y)
         check_finite_scores(per, f"criterion {criterion!r} on calibration batch {i}")
         for k, v in per.items():
             totals[k] = totals[k] + v if k in totals else v.clone()
-        n += 1
-    return {k: t / max(n, 1) for k, t in totals.items()}
+    return totals
 
 
 def _like_params(model: nn.Module, scores: dict[Any, torch.Tensor]) -> dict[Any, torch.Tensor]:
