@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import logging
 import os
@@ -207,6 +208,10 @@ def cmd_prune(args) -> int:
         print(f"accuracy {k:40s}: {parts}")
     how = "unstructured" if args.unstructured else f"ranking {r['target']['ranking']}"
     print(f"({args.criterion}, {how}, {args.steps} step(s); {time.time() - t0:.0f} s)")
+    from .distributed import is_main
+
+    if not is_main():  # every rank built the same network; rank 0 writes it
+        return 0
     out_path.parent.mkdir(parents=True, exist_ok=True)
     save(pruned, out_path)
     print(f"saved the pruned model to {out_path} (load it with oba_fx.load, or oba-fx eval --model {out_path})")
@@ -325,12 +330,41 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@contextlib.contextmanager
+def _ranks():
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1): join the process group (gloo on the CPU, nccl with
+    CUDA) for data-parallel calibration; only rank 0 prints and writes files."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield
+        return
+    import torch
+    import torch.distributed as dist
+
+    joined = not dist.is_initialized()
+    if joined:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    quiet = dist.get_rank() != 0
+    saved = sys.stdout
+    if quiet:
+        sys.stdout = open(os.devnull, "w")
+        logging.getLogger().setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        if quiet:
+            sys.stdout.close()
+            sys.stdout = saved
+        if joined:
+            dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (2 on a usage or input error)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        return args.fn(args)
+        with _ranks():
+            return args.fn(args)
     except (ValueError, FileNotFoundError, RuntimeError, OSError, KeyError) as e:
         print(f"oba-fx: error: {e}", file=sys.stderr)
         return 2
