@@ -13,7 +13,8 @@ the same images (kept output channels only: removed outputs are masked anyway). 
 regularised. Only ``XᵀX``, ``XᵀY`` and ``ΣY²`` are accumulated (float64), never ``X`` itself.
 
 Convolution rows: for each image, ``positions`` output positions drawn without replacement from
-a generator seeded with ``seed`` (all positions when ``positions`` is ``None`` or at least the
+a generator seeded with ``seed``, the layer and the batch index, so that several processes sharing
+the batches sample what one process would (all positions when ``positions`` is ``None`` or at least the
 number of output positions); a linear layer uses every row (token) of its input.
 
 One pass over the data: the dense graph and the masked reference are walked node by node in
@@ -336,17 +337,20 @@ class _Walk:
         return [it.env[last] for it in self.its]
 
 
-def _batches(data: Iterable, max_batches: int | None) -> list[tuple]:
-    """This rank's share of the calibration inputs (all of them without a process group)."""
-    out = []
-    for batch in shard(take(data, max_batches)):
+def _batches(data: Iterable, max_batches: int | None) -> tuple[list[tuple], list[int]]:
+    """This rank's share of the calibration inputs (all of them without a process group), and
+    their indices among all batches (position sampling is seeded per batch index, so it does not
+    depend on how the batches are shared out)."""
+    out, index = [], []
+    for i, batch in shard(enumerate(take(data, max_batches))):
         x = inputs_of(batch)
         out.append(tuple(x) if isinstance(x, (tuple, list)) else (x,))
+        index.append(i)
     if not out:
         more = f" for each of the {world()} ranks" if world() > 1 else ""
         raise BadInputError(f"compensation needs calibration batches{more}: data= gave too few (pass an iterable "
                             "of (inputs, targets) batches, or bare input batches)")
-    return out
+    return out, index
 
 
 def _flat(v: Any) -> list[torch.Tensor]:
@@ -360,11 +364,11 @@ def _flat(v: Any) -> list[torch.Tensor]:
 
 
 def _fit(layer: _Layer, root: nn.Module, xs: list, ys: list, positions: int | None, ridge: float,
-         gen: torch.Generator) -> LayerFit:
+         gens: list[torch.Generator]) -> LayerFit:
     """Accumulate the normal equations over the batches, re-fit ``layer`` in ``root``."""
     xtx = xty = None
     yy, rows = 0.0, 0
-    for x, y in zip(xs, ys):
+    for x, y, gen in zip(xs, ys, gens):
         X, Y = design_rows(layer, x, y, positions, gen)
         X, Y = X.double(), Y.double()
         if layer.bias is not None:
@@ -412,11 +416,10 @@ def compensate(gm: torch.fx.GraphModule, c: Coupling, removed: np.ndarray, data:
     """
     t0 = time.perf_counter()
     layers, skipped = find_layers(gm, c, removed, scope)
-    inputs = _batches(data, max_batches)
+    inputs, index = _batches(data, max_batches)
     images = int(sum_number(sum(int(_flat(x)[0].shape[0]) for x in inputs if _flat(x))))
     masked = masked_reference(gm, c, removed)
     todo = {l.node: l for l in layers}
-    gen = torch.Generator().manual_seed(seed)
     fits: list[LayerFit] = []
     bar = tqdm(total=len(layers), desc="compensation", unit="layer", disable=None if progress and is_main() else True,
                leave=False)
@@ -426,8 +429,9 @@ def compensate(gm: torch.fx.GraphModule, c: Coupling, removed: np.ndarray, data:
         for node in masked.graph.nodes:
             layer = todo.get(node.name) if node.op in ("call_module", "call_function") else None
             if layer is not None:
+                gens = [torch.Generator().manual_seed(seed * 1_000_003 + len(fits) * 10_007 + i) for i in index]
                 fits.append(_fit(layer, masked, pruned.values(node.args[0]),
-                                 dense.values(dense.until(node.name)), positions, ridge, gen))
+                                 dense.values(dense.until(node.name)), positions, ridge, gens))
                 bar.update(1)
             assert pruned.step() is node
         out_p, out_d = pruned.finish(), dense.finish()
