@@ -28,8 +28,8 @@ def is_tensor(node: Any) -> bool:
 def is_size_value(node: torch.fx.Node) -> bool:
     """Whether ``node`` computes a size (``x.shape``, ``x.size(1)``, ``x.dim()``, an item of
     those): an integer, with no derivative and no channels."""
-    if node.op == "call_function" and node.target in SIZE_FUNCTIONS:
-        return True
+    if node.op == "call_function" and node.target in SIZE_FUNCTIONS:  # x.shape (not r.values of a max)
+        return shape_of(node) is None
     if node.op == "call_method" and node.target in SIZE_METHODS:
         return True
     if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], torch.fx.Node):
