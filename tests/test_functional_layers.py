@@ -319,3 +319,16 @@ def test_two_strided_slices_in_one_index_pin_the_second():
     r = _check(M(), torch.randn(3, 4), pruned=("a.weight",))
     assert "c.weight" not in r["report"]["kept"]
     assert any("strided slice next to another" in b["reason"] for b in r["report"]["barriers"])
+
+
+def test_a_channel_count_read_from_one_tensor_to_reshape_another_pins_and_reports():
+    class M(Stem):
+        def forward(self, x):
+            y = self.a(x)
+            z = self.a2(x)
+            w = z.reshape(z.shape[0], y.shape[1], -1).reshape(y.shape)  # y's whole shape sizes z
+            return self.out(F.relu(w) + F.relu(y)) + self.out(F.relu(self.a2(x)))
+
+    r = _check(M(), torch.randn(2, 3, 6, 6), pruned=("b.weight",), ignore=())
+    assert "a.weight" not in r["report"]["kept"]
+    assert any("channel count read from a shape" in b["reason"] for b in r["report"]["barriers"])

@@ -495,7 +495,7 @@ def _couple_max_min(ctx: Ctx) -> None:
     pinned: the index of the maximum counts channels), the other dims passed to both;
     ``x.max()`` reduces everything; ``torch.max(a, b)`` is elementwise."""
     x = ctx.node.args[0]
-    second = ctx.arg(1, "dim")
+    second = ctx.arg(1, "dim", ctx.node.kwargs.get("other"))
     if isinstance(second, torch.fx.Node) and shape_of(second) is not None:  # torch.max(a, b)
         return couple_broadcast(ctx)
     nd = len(shape_of(x))

@@ -103,5 +103,8 @@ def check_taint(ctx: Ctx) -> None:
         bad = _taint_of(st, node.args) | _taint_of(st, node.kwargs)
     for sid in bad:
         ctx.b.pin(ctx.b.spaces[sid])
+    if bad:
+        ctx.b.barrier(node, "a channel count read from a shape is used where slimming cannot rewrite it "
+                            f"(an argument of {getattr(t, '__name__', t)}): those channels are pinned")
 
 
