@@ -8,6 +8,8 @@
   reaches ``v`` (**parallel**; a layer reaching both operands gets its own block, a self-loop);
 * a smooth op (GELU, sigmoid, softmax, LayerNorm, train-mode BatchNorm, ...) mixes every pair of
   layers that reach its input, itself included (parallel and self-loops);
+* a functional layer (``F.batch_norm``/``F.group_norm`` of ``LAYER``/``SMOOTH_LAYER`` class) is
+  linear in the weights it reads with ``get_attr``: like the module, a series block for them;
 * attention ``softmax(q kᵀ + mask) v`` is smooth in (q, k, mask) and linear in v: every pair
   reaching q, k or the mask, and each of those with every layer reaching v (**parallel**), but
   no pair reaching only v;
@@ -119,6 +121,24 @@ class _Blocks:
         if quotient and len(node.args) >= 2:  # 1/v is smooth in v
             self.mix([self.ups(node.args[1])], cross_only=False)
 
+    def functional_layer(self, node: torch.fx.Node, smooth: bool) -> None:
+        """A layer written as a function of its input (the first operand) and its weights (the
+        other operands: ``F.batch_norm(x, self.running_mean, ..., self.weight, self.bias)``).
+
+        A weight read with ``get_attr`` enters linearly: its layer's block with every layer
+        reaching the input may be non-zero (**series**), and not its own block. A computed
+        operand is bilinear with the input (or, ``smooth``, mixes with it); with batch
+        statistics (``smooth``) every pair reaching the input is mixed too."""
+        x = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else node.all_input_nodes[0]
+        rest = [a for a in node.all_input_nodes if a is not x]
+        computed = [self.ups(a) for a in rest if a.op != "get_attr"]
+        self.mix([self.ups(x)] + computed, cross_only=not smooth)
+        for a in rest:
+            layer = _layer_of(self.gm, a) if a.op == "get_attr" else None
+            if layer is not None:
+                for b in self.ups(x):
+                    self.add(layer, b, "series")
+
     def visit(self, node: torch.fx.Node) -> None:
         gm = self.gm
         layer = _layer_of(gm, node)
@@ -135,7 +155,9 @@ class _Blocks:
             curv = rule.curvature_for(gm, node)
         else:
             curv = Curvature.NONE if node.op == "get_attr" else Curvature.UNKNOWN
-        if curv in (Curvature.SMOOTH, Curvature.UNKNOWN, Curvature.SMOOTH_LAYER):
+        if curv in (Curvature.LAYER, Curvature.SMOOTH_LAYER) and node.op != "call_module" and ins:
+            self.functional_layer(node, curv == Curvature.SMOOTH_LAYER)
+        elif curv in (Curvature.SMOOTH, Curvature.UNKNOWN, Curvature.SMOOTH_LAYER):
             self.mix(in_sets, cross_only=False)
         elif curv == Curvature.ATTENTION:
             self.attention(node)

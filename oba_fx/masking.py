@@ -58,6 +58,18 @@ def masked_norm(x: torch.Tensor, keep: torch.Tensor, weight: torch.Tensor | None
     return y * keep
 
 
+def keep_channels(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``x`` with zeros where ``keep`` (broadcast, bool) is false: a selection, not a product, so
+    a removed channel is zero even where the original value is NaN or Inf (``0 / 0`` of a
+    quotient of masked values), as it is absent from the slimmed network; the dtype is kept.
+
+    Example:
+        >>> keep_channels(torch.tensor([[float("nan"), 2.0]]), torch.tensor([False, True]))
+        tensor([[0., 2.]])
+    """
+    return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def _renormalise(out: torch.fx.GraphModule, node: torch.fx.Node, c: Coupling, removed: np.ndarray, k: int) -> bool:
     """Replace a LayerNorm / RMSNorm whose normalised channels lose some by :func:`masked_norm`."""
     rule = rule_for_node(out, node) if node.op in ("call_module", "call_function") else None
@@ -93,7 +105,7 @@ def _renormalise(out: torch.fx.GraphModule, node: torch.fx.Node, c: Coupling, re
 
 
 def masked_reference(gm: torch.fx.GraphModule, c: Coupling, removed: np.ndarray) -> torch.fx.GraphModule:
-    """A copy of ``gm`` that multiplies each value by a 0/1 mask of its kept indices, and whose
+    """A copy of ``gm`` that zeroes the removed indices of each value (:func:`keep_channels`), and whose
     LayerNorms / RMSNorms that lose channels normalise over the kept ones only."""
     out = clone(gm)
     k = 0
@@ -112,8 +124,8 @@ def masked_reference(gm: torch.fx.GraphModule, c: Coupling, removed: np.ndarray)
                 continue
             view = [1] * len(shape)
             view[s.dim] = s.size
-            m = torch.as_tensor(keep, dtype=node.meta[M.TENSOR_META].dtype).view(view)
-            mask = m if mask is None else mask * m
+            m = torch.as_tensor(keep, dtype=torch.bool).view(view)
+            mask = m if mask is None else mask & m
         if mask is None:
             continue
         name = f"_oba_mask_{k}"
@@ -122,7 +134,7 @@ def masked_reference(gm: torch.fx.GraphModule, c: Coupling, removed: np.ndarray)
         with out.graph.inserting_after(node):
             attr = out.graph.get_attr(name)
         with out.graph.inserting_after(attr):
-            mul = out.graph.call_function(torch.mul, (node, attr))
+            mul = out.graph.call_function(keep_channels, (node, attr))
         node.replace_all_uses_with(mul, delete_user_cb=lambda u: u is not mul)
     out.recompile()
     return out

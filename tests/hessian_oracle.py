@@ -310,6 +310,25 @@ def _randomise_bn(model: nn.Module, gen: torch.Generator) -> None:
                 m.num_batches_tracked.fill_(7)
 
 
+class FunctionalLayers(nn.Module):
+    """Layers written as functions of their module's tensors: ``F.conv2d`` on a conv's weight,
+    ``F.batch_norm`` on a BatchNorm's statistics and affine (timm's ``BatchNormAct2d``; batch
+    statistics in train mode), ``F.group_norm`` on a GroupNorm's affine, then a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv2, self.gn = nn.Conv2d(4, 4, 1), nn.GroupNorm(2, 4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.conv2d(x, self.conv.weight, self.conv.bias, padding=1)
+        h = F.relu(F.batch_norm(h, self.bn.running_mean, self.bn.running_var, self.bn.weight, self.bn.bias,
+                                self.training, 0.1, self.bn.eps))
+        h = F.group_norm(F.conv2d(h, self.conv2.weight, self.conv2.bias), 2, self.gn.weight, self.gn.bias)
+        return self.fc(F.relu(h).mean((2, 3)))
+
+
 #: name -> (constructor, input shape without batch, number of classes)
 TOY_MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int]] = {
     "tanh_mlp": (TanhMLP, (4,), 3),
@@ -319,6 +338,7 @@ TOY_MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int]] = {
     "se_gate": (SEGate, (2, 4, 4), 3),
     "attention_only": (AttentionOnly, (3, 4), 3),
     "transformer_block": (TransformerBlock, (3, 4), 3),
+    "functional_layers": (FunctionalLayers, (2, 4, 4), 3),
 }
 
 
@@ -352,8 +372,8 @@ def math_attention():
     return sdpa_kernel([SDPBackend.MATH])
 
 
-#: every toy model in eval mode, plus the BatchNorm model in train mode
-CASES = [(name, "eval") for name in TOY_MODELS] + [("res_bn_cnn", "train")]
+#: every toy model in eval mode, plus the BatchNorm models in train mode
+CASES = [(name, "eval") for name in TOY_MODELS] + [("res_bn_cnn", "train"), ("functional_layers", "train")]
 IDS = [f"{n}-{m}" for n, m in CASES]
 
 

@@ -15,7 +15,8 @@ import oba_fx
 from hessian_oracle import dense_case, math_attention, one_thread_per_test  # noqa: F401
 
 CASES = [("tanh_mlp", "eval"), ("res_bn_cnn", "eval"), ("res_bn_cnn", "train"), ("gelu_layernorm", "eval"),
-         ("self_attention", "eval"), ("se_gate", "eval"), ("attention_only", "eval"), ("transformer_block", "eval")]
+         ("self_attention", "eval"), ("se_gate", "eval"), ("attention_only", "eval"), ("transformer_block", "eval"),
+         ("functional_layers", "eval"), ("functional_layers", "train")]
 
 
 def _blocks(name, mode):
@@ -90,3 +91,13 @@ def test_sdpa_has_qk_and_qkv_blocks_and_no_vv_block():
     declared = {(a, b) for a, b in pairs if G.has_edge(a, b)}
     assert declared == expected, f"declared blocks among q, k, v: {sorted(declared)}"
     assert all(G.edges[a, b]["kind"] == "parallel" for a, b in [("q", "k"), ("q", "v"), ("k", "v")])
+
+
+def test_functional_layers_are_series_like_their_modules():
+    """``F.batch_norm`` / ``F.group_norm`` / ``F.conv2d`` on module tensors: each weight has a
+    series block with what reaches its input and no block of its own (nothing smooth follows
+    the GroupNorm), while the GroupNorm, smooth in its input, gives every layer upstream one."""
+    G = _structure(*_blocks("functional_layers", "eval")[:2], "eval")
+    assert G.edges["conv", "bn"]["kind"] == "series" and G.edges["conv2", "gn"]["kind"] == "series"
+    assert G.edges["gn", "fc"]["kind"] == "series" and not G.has_edge("gn", "gn")
+    assert all(G.has_edge(a, a) for a in ("conv", "bn", "conv2"))

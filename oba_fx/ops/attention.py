@@ -26,27 +26,11 @@ import torch.nn.functional as F
 from .. import attention as _attn
 from ..spaces import EMPTY, Space, TensorSpaces
 from .base import Ctx, FlopCtx, OpRule, numel, register, shape_of, tensor_spaces  # noqa: F401
-from .generic import broadcast_dim
+from .generic import broadcast_dim, mark_primary, tie_or_pin
 from oba_fx.errors import BadInputError
 
 
-def _tie_or_pin(ctx: Ctx, *spaces: Space | None) -> Space | None:
-    """Tie the given spaces index by index; if one is missing (the dim cannot be sliced
-    there) pin the others. Returns the first space when all are present."""
-    present = [s for s in spaces if s is not None]
-    if len(present) < len(spaces):
-        for s in present:
-            ctx.b.pin(s)
-        return None
-    for s in present[1:]:
-        ctx.b.union(present[0], s)
-    return present[0] if present else None
-
-
-def _primary(ctx: Ctx, w: torch.fx.Node, dim: int) -> None:
-    """A weight read with ``get_attr``: its output-channel dim is a layer's own (scored) dim."""
-    if isinstance(w, torch.fx.Node) and w.op == "get_attr":
-        ctx.b.param_space(w.target, dim, shape_of(w)[dim], primary=True)
+_tie_or_pin, _primary = tie_or_pin, mark_primary
 
 
 # ============================================================================ F.linear

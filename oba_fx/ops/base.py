@@ -54,7 +54,8 @@ class OpRule:
         slim: ``fn(ctx: SlimCtx) -> None``; rewrites the module or the node's constants.
         flops: ``fn(ctx: FlopCtx) -> int``; ``None`` counts zero.
         curvature: second-derivative class (a :class:`Curvature`; its value string is accepted).
-        curvature_of: ``fn(module) -> Curvature`` for a module whose class depends on its state
+        curvature_of: ``fn(module) -> Curvature`` (a module rule) or ``fn(node) -> Curvature`` (a
+            function or method rule) for an op whose class depends on its state or arguments
             (BatchNorm with batch statistics is smooth); ``None``: always :attr:`curvature`.
         sums: the op adds its tensor operands elementwise (``a + b``): channels several layers
             write and this op sums form a residual stream (:func:`oba_fx.select.summed_units`).
@@ -84,9 +85,11 @@ class OpRule:
 
     def curvature_for(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> Curvature:
         """The curvature class of this use of the op."""
-        if self.curvature_of is not None and node.op == "call_module":
+        if self.curvature_of is None:
+            return self.curvature
+        if node.op == "call_module":
             return Curvature(self.curvature_of(gm.get_submodule(node.target)))
-        return self.curvature
+        return Curvature(self.curvature_of(node))
 
 
 MODULE_RULES: dict[type, OpRule] = {}
@@ -210,6 +213,26 @@ def tensor_args(node: torch.fx.Node) -> list[torch.fx.Node]:
     return out
 
 
+def tuple_args(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The arguments of ``node`` whose value is a tuple of tensors (``x.chunk(2, 1)`` passed whole)."""
+    out: list[torch.fx.Node] = []
+
+    def visit(a: Any) -> None:
+        if isinstance(a, torch.fx.Node):
+            if isinstance(a.meta.get(M.TENSOR_META), (tuple, list)):
+                out.append(a)
+        elif isinstance(a, (tuple, list)):
+            for x in a:
+                visit(x)
+        elif isinstance(a, dict):
+            for x in a.values():
+                visit(x)
+
+    visit(node.args)
+    visit(node.kwargs)
+    return out
+
+
 class Ctx:
     """What a coupling rule sees: the node, its module, input spaces and the builder."""
 
@@ -244,6 +267,13 @@ class Ctx:
     def barrier(self, reason: str) -> None:
         barrier(self.node, self.b, reason)
 
+    def pin_because(self, space: Space | None, reason: str) -> None:
+        """Pin ``space`` (an input's dim this use of the op cannot slim exactly) and report the
+        node as a barrier with ``reason``; the op's other dims still carry their spaces."""
+        if space is not None:
+            self.b.pin(space)
+            self.b.barrier(self.node, reason)
+
     def dim_map(self, src: Any, mapping: dict[int, int | None], consumed: tuple[int, ...] = ()) -> dict[int, Space]:
         """Carry ``src``'s spaces to the output along ``mapping`` (in dim -> out dim); a space
         whose dim maps to ``None`` (or is missing) is pinned, unless the rule itself handles
@@ -266,8 +296,9 @@ class Ctx:
 
 
 def barrier(node: torch.fx.Node, b: Builder, reason: str) -> None:
-    """Make ``node`` a barrier: pin every space it reads, give its value no spaces."""
-    for a in tensor_args(node):
+    """Make ``node`` a barrier: pin every space it reads (tuple values included: the result of
+    ``chunk``/``split`` passed whole), give its value no spaces."""
+    for a in tensor_args(node) + tuple_args(node):
         b.pin_all(spaces_of(a))
     b.barrier(node, reason)
     v = node.meta.get(M.TENSOR_META)

@@ -10,7 +10,7 @@ import torch.fx
 
 from .. import meta as M
 from ..spaces import EMPTY, Builder, TensorSpaces, AnalysisState
-from .base import Ctx, FlopCtx, SlimCtx, shape_of, spaces_of, tensor_args, barrier, rule_for_node
+from .base import Ctx, FlopCtx, SlimCtx, shape_of, spaces_of, tensor_args, tuple_args, barrier, rule_for_node
 from .sizes import check_taint, is_tensor, size_node
 
 
@@ -30,7 +30,7 @@ def apply_rule(gm: torch.fx.GraphModule, node: torch.fx.Node, b: Builder, state:
             b.param_space(node.target, d, n, primary=False) for d, n in enumerate(sh)))
         return
     if node.op == "output":
-        b.pin_all([spaces_of(a) for a in tensor_args(node)])
+        b.pin_all([spaces_of(a) for a in tensor_args(node) + tuple_args(node)])
         check_taint(ctx)
         return
     if size_node(ctx):

@@ -63,6 +63,11 @@ MUL_LIKE = register(
     functions=(operator.mul, operator.imul, torch.mul, torch.multiply, torch.maximum, torch.minimum, torch.where),
     methods=("mul", "mul_", "maximum", "minimum", "expand_as"),
 )
+ADDCMUL = register(  # input + value * t1 * t2 (or / t2): smooth is the safe superset of its blocks
+    OpRule("addcmul", couple_broadcast, None, None, "smooth"),
+    functions=(torch.addcmul, torch.addcdiv),
+    methods=("addcmul", "addcdiv"),
+)
 DIV = register(
     OpRule("div", couple_broadcast, None, None, "quotient"),
     functions=(operator.truediv, operator.itruediv, torch.div, torch.true_divide),

@@ -14,6 +14,26 @@ from .base import Ctx, SlimCtx, shape_of, tensor_args, tensor_spaces
 
 
 # ============================================================================ generic rules
+def tie_or_pin(ctx: Ctx, *spaces: Space | None) -> Space | None:
+    """Tie the given spaces index by index; if one is missing (the dim cannot be sliced
+    there) pin the others. Returns the first space when all are present."""
+    present = [s for s in spaces if s is not None]
+    if len(present) < len(spaces):
+        for s in present:
+            ctx.b.pin(s)
+        return None
+    for s in present[1:]:
+        ctx.b.union(present[0], s)
+    return present[0] if present else None
+
+
+def mark_primary(ctx: Ctx, w: Any, dim: int) -> None:
+    """A tensor read with ``get_attr`` as a functional layer's weight: its output-channel dim is
+    that layer's own (scored) dim."""
+    if isinstance(w, torch.fx.Node) and w.op == "get_attr" and shape_of(w) is not None:
+        ctx.b.param_space(w.target, dim, shape_of(w)[dim], primary=True)
+
+
 def couple_broadcast(ctx: Ctx, args: list[Any] | None = None) -> None:
     """Elementwise op over broadcast operands: out dim d is tied to every operand's dim d."""
     out = ctx.out_shape

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from .. import meta as M
 from ..spaces import TensorSpaces
 from .base import Curvature, Ctx, FlopCtx, OpRule, SlimCtx, node_arg, numel, register, spaces_of, tensor_args, tensor_spaces, slice_attr
-from .generic import couple_broadcast, couple_last_dims_mixed
+from .base import shape_of
+from .generic import couple_broadcast, couple_last_dims_mixed, mark_primary, tie_or_pin
 
 
 # ============================================================================ layers
@@ -338,3 +339,173 @@ def _slim_prelu(ctx: SlimCtx) -> None:
 PRELU = register(OpRule("prelu", _couple_prelu, _slim_prelu, None, "piecewise"), modules=(nn.PReLU,))
 
 
+
+
+# ============================================================================ functional layers
+# ``F.conv2d(x, self.weight, self.bias)``, ``F.batch_norm(x, self.running_mean, ...)``: the layer's
+# tensors are operands read with ``get_attr`` (timm's ``BatchNormAct2d``, hand-written blocks).
+# The coupling ties the operands' spaces as the module rules tie the module's attributes;
+# :func:`oba_fx.surgery.slim` slices every ``get_attr`` tensor along its removed indices, so a
+# slim rule only rewrites integer arguments (``groups``, ``num_groups``).
+def _channel_dim(x: torch.fx.Node, w_rank: int) -> int:
+    """The channel dim of a convolution's input: 1 when batched, 0 when not."""
+    return 1 if len(shape_of(x)) == w_rank else 0
+
+
+def _couple_fconv(ctx: Ctx) -> None:
+    """``F.conv{1,2,3}d(x, w, b, stride, padding, dilation, groups)``: out channel i <-> w row i
+    <-> b entry i; input channel j <-> w column j (``groups == 1``), or one unit per group."""
+    x, w, bias = ctx.arg(0, "input"), ctx.arg(1, "weight"), ctx.arg(2, "bias")
+    g = ctx.arg(6, "groups", 1)
+    sw, sx = shape_of(w), shape_of(x)
+    if sw is None or sx is None or not isinstance(g, int) or len(sx) not in (len(sw), len(sw) - 1):
+        return ctx.barrier("functional convolution with a non-tensor weight or a computed groups")
+    cd = _channel_dim(x, len(sw))
+    for s in tensor_spaces(x).spaces:  # batch and spatial dims are mixed by the kernel
+        if s.dim != cd:
+            ctx.b.pin(s)
+    for s in tensor_spaces(w).spaces:
+        if s.dim >= (2 if g == 1 else 1):  # kernel dims; in/g columns of a grouped conv
+            ctx.b.pin(s)
+    xs, w0 = tensor_spaces(x).at(cd), tensor_spaces(w).at(0)
+    bs = [tensor_spaces(bias).at(0)] if isinstance(bias, torch.fx.Node) else []
+    out = ctx.new(cd)
+    if g == 1:
+        tie_or_pin(ctx, xs, tensor_spaces(w).at(1))
+        if tie_or_pin(ctx, out, w0, *bs) is None:
+            ctx.b.pin(out)
+    elif any(s is None for s in [w0] + bs):  # weight or bias rows that cannot be sliced
+        for s in [xs, w0, out] + bs:
+            ctx.b.pin(s)
+    else:  # one unit per group: its output block, weight rows, bias entries and input block
+        opg, ipg = sw[0] // g, sx[cd] // g
+        for k in range(g):
+            rows = np.arange(k * opg, (k + 1) * opg)
+            els = [s.elements(rows) for s in [out, w0] + bs]
+            if xs is not None:
+                els.append(xs.elements(np.arange(k * ipg, (k + 1) * ipg)))
+            ctx.b.union_many(np.concatenate(els))
+        if xs is None:
+            ctx.b.pin(out)
+    mark_primary(ctx, w, 0)
+    ctx.set(TensorSpaces((out,)))
+
+
+def _slim_fconv(ctx: SlimCtx) -> None:
+    """A grouped functional conv keeps ``w.shape[0] / (out channels per group)`` groups."""
+    node = ctx.node
+    g = ctx.arg(6, "groups", 1)
+    if g == 1:
+        return
+    w = ctx.arg(1, "weight")
+    opg = shape_of(w)[0] // g
+    new_g = ctx.new_shape(node)[_channel_dim(ctx.arg(0, "input"), len(shape_of(w)))] // opg
+    if len(node.args) > 6:
+        node.args = node.args[:6] + (new_g,) + node.args[7:]
+    else:
+        node.kwargs = {**node.kwargs, "groups": new_g}
+
+
+def _flops_fconv(c: FlopCtx) -> int:
+    """Each output element is a dot product over ``w.shape[1:]`` (fvcore's count)."""
+    return numel(c.out) * numel(c.shape(node_arg(c.node, 1, "weight"))[1:])
+
+
+F_CONV = register(
+    OpRule("conv", _couple_fconv, _slim_fconv, _flops_fconv, Curvature.BILINEAR),
+    functions=(F.conv1d, F.conv2d, F.conv3d),
+)
+
+
+def _couple_fchannel_norm(per_channel: tuple[tuple[int, str], ...], primary: tuple[str, ...],
+                          groups: tuple[int, str] | None = None) -> Callable[[Ctx], None]:
+    """``F.batch_norm`` / ``F.instance_norm`` / ``F.group_norm``: statistics per channel (dim 1)
+    or per group of channels; the per-channel operands (running statistics, weight, bias) are
+    tied to the channel; with ``groups`` the channels of one group are one unit."""
+
+    def couple(ctx: Ctx) -> None:
+        x = ctx.arg(0, "input")
+        nd = len(ctx.out_shape)
+        if nd < 2:
+            return ctx.barrier("channel norm over a tensor without a channel dim")
+        sp = ctx.dim_map(x, {d: d for d in range(nd)})
+        out = sp.get(1)
+        if out is None:
+            out = sp[1] = ctx.new(1)
+            ctx.b.pin(out)
+        if groups is not None:
+            n_groups = ctx.arg(*groups)
+            if not isinstance(n_groups, int):
+                ctx.b.pin(out)
+            else:
+                cpg = out.size // n_groups
+                for k in range(n_groups):
+                    ctx.b.union_many(out.elements(np.arange(k * cpg, (k + 1) * cpg)))
+        for i, name in per_channel:
+            a = ctx.arg(i, name)
+            if isinstance(a, torch.fx.Node) and tie_or_pin(ctx, out, tensor_spaces(a).at(0)) is None:
+                ctx.b.pin(out)
+            if name in primary:
+                mark_primary(ctx, a, 0)
+        ctx.set(TensorSpaces(tuple(sp[d] for d in sorted(sp))))
+
+    return couple
+
+
+def _slim_fgroup_norm(ctx: SlimCtx) -> None:
+    """``num_groups`` shrinks with the channels (whole groups are removed)."""
+    node = ctx.node
+    g = ctx.arg(1, "num_groups")
+    cpg = shape_of(node)[1] // g
+    new_g = ctx.new_shape(node)[1] // cpg
+    if len(node.args) > 1:
+        node.args = (node.args[0], new_g) + tuple(node.args[2:])
+    else:
+        node.kwargs = {**node.kwargs, "num_groups": new_g}
+
+
+def _fnorm_curvature(stats_arg: tuple[int, str], default: bool) -> Callable[[torch.fx.Node], Curvature]:
+    """With running statistics held as buffers (``get_attr``) the norm is affine in its input
+    (:attr:`Curvature.LAYER`); with batch/instance statistics it is also smooth in it."""
+
+    def curvature(node: torch.fx.Node) -> Curvature:
+        batch_stats = node_arg(node, *stats_arg, default)
+        stats = [node_arg(node, 1, "running_mean"), node_arg(node, 2, "running_var")]
+        if batch_stats is False and all(isinstance(s, torch.fx.Node) and s.op == "get_attr" for s in stats):
+            return Curvature.LAYER
+        return Curvature.SMOOTH_LAYER
+
+    return curvature
+
+
+def _flops_fnorm(stats_arg: tuple[int, str] | None, default: bool, weight_arg: tuple[int, str]):
+    """fvcore's norm count: 5 (batch statistics) or 2 (running statistics) per element with an
+    affine weight, one less without."""
+
+    def flops(c: FlopCtx) -> int:
+        batch_stats = True if stats_arg is None else node_arg(c.node, *stats_arg, default) is not False
+        affine = node_arg(c.node, *weight_arg) is not None
+        return numel(c.inp(0)) * ((4 if batch_stats else 1) + affine)
+
+    return flops
+
+
+F_BATCHNORM = register(
+    OpRule("batch_norm", _couple_fchannel_norm(((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")),
+                                               ("weight", "bias")),
+           None, _flops_fnorm((5, "training"), False, (3, "weight")), Curvature.LAYER,
+           curvature_of=_fnorm_curvature((5, "training"), False)),
+    functions=(F.batch_norm,),
+)
+F_INSTANCENORM = register(
+    OpRule("instance_norm", _couple_fchannel_norm(((1, "running_mean"), (2, "running_var"), (3, "weight"),
+                                                   (4, "bias")), ("weight", "bias")),
+           None, _flops_fnorm((5, "use_input_stats"), True, (3, "weight")), Curvature.SMOOTH_LAYER,
+           curvature_of=_fnorm_curvature((5, "use_input_stats"), True)),
+    functions=(F.instance_norm,),
+)
+F_GROUPNORM = register(
+    OpRule("group_norm", _couple_fchannel_norm(((2, "weight"), (3, "bias")), ("weight", "bias"), groups=(1, "num_groups")),
+           _slim_fgroup_norm, _flops_fnorm(None, True, (2, "weight")), Curvature.SMOOTH_LAYER),
+    functions=(F.group_norm,),
+)

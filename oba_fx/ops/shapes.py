@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from .. import meta as M
 from ..spaces import EMPTY, Space, TensorSpaces
 from .base import Ctx, FlopCtx, OpRule, SlimCtx, node_arg, numel, register, shape_of, spaces_of, tensor_args, tensor_spaces
-from .generic import broadcast_dim, norm_dims, size_args, couple_reshape, slim_sizes
+from .generic import broadcast_dim, couple_broadcast, norm_dims, size_args, couple_reshape, slim_sizes
 
 
 # ============================================================================ shape ops
@@ -98,18 +98,29 @@ def _couple_expand(ctx: Ctx) -> None:
 EXPAND = register(OpRule("expand", _couple_expand, slim_sizes(1, lambda c, d: -1)), methods=("expand",))
 
 
+def _operands(seq: Any) -> list[tuple[tuple[int, ...], TensorSpaces]]:
+    """(shape, spaces) of each tensor of ``cat``/``stack``'s sequence: a list of nodes, or one
+    node whose value is a tuple (``torch.cat(x.chunk(2, 1), 1)``)."""
+    if isinstance(seq, torch.fx.Node):
+        tms, v = seq.meta.get(M.TENSOR_META), spaces_of(seq)
+        if not isinstance(tms, (tuple, list)):
+            raise TypeError("the sequence is neither a list of tensors nor a tuple-valued node")
+        return [(tuple(int(n) for n in tm.shape), v[k] if isinstance(v, tuple) else EMPTY) for k, tm in enumerate(tms)]
+    return [(shape_of(t), tensor_spaces(t)) for t in seq]
+
+
 def _couple_cat(ctx: Ctx) -> None:
-    tensors = list(ctx.arg(0, "tensors"))
+    ops = _operands(ctx.arg(0, "tensors"))
     nd = len(ctx.out_shape)
     d = ctx.arg(1, "dim", 0) % nd
     spaces: list[Space] = []
     # the concatenated dim
-    if any(tensor_spaces(t).at(d) is not None for t in tensors):
+    if any(ts.at(d) is not None for _, ts in ops):
         o = ctx.new(d)
         off = 0
-        for t in tensors:
-            n = shape_of(t)[d]
-            s = tensor_spaces(t).at(d)
+        for sh, ts in ops:
+            n = sh[d]
+            s = ts.at(d)
             rng = np.arange(off, off + n)
             if s is None:
                 ctx.b.pin(o, rng)
@@ -119,13 +130,13 @@ def _couple_cat(ctx: Ctx) -> None:
         spaces.append(o)
     for od in range(nd):  # every other dim: all inputs tied index by index
         if od != d:
-            spaces.extend(_tie_inputs(ctx, tensors, od, od))
+            spaces.extend(_tie_inputs(ctx, ops, od, od))
     ctx.set(TensorSpaces(tuple(spaces)))
 
 
-def _tie_inputs(ctx: Ctx, tensors: list, in_dim: int, out_dim: int) -> list[Space]:
-    """Tie dim ``in_dim`` of every input to ``out_dim`` of the output (inputs of one shape)."""
-    tied = [tensor_spaces(t).at(in_dim) for t in tensors]
+def _tie_inputs(ctx: Ctx, ops: list, in_dim: int, out_dim: int) -> list[Space]:
+    """Tie dim ``in_dim`` of every input (``(shape, spaces)``, one shape) to ``out_dim`` of the output."""
+    tied = [ts.at(in_dim) for _, ts in ops]
     if all(s is None for s in tied):
         return []
     if any(s is None for s in tied) and ctx.out_shape[out_dim] > 1:
@@ -143,10 +154,10 @@ CAT = register(OpRule("cat", _couple_cat), functions=(torch.cat, torch.concat, t
 
 
 def _couple_stack(ctx: Ctx) -> None:
-    tensors = list(ctx.arg(0, "tensors"))
+    ops = _operands(ctx.arg(0, "tensors"))
     nd = len(ctx.out_shape)
     d = ctx.arg(1, "dim", 0) % nd
-    spaces = [o for idim in range(nd - 1) for o in _tie_inputs(ctx, tensors, idim, idim if idim < d else idim + 1)]
+    spaces = [o for idim in range(nd - 1) for o in _tie_inputs(ctx, ops, idim, idim if idim < d else idim + 1)]
     ctx.set(TensorSpaces(tuple(spaces)))
 
 
@@ -316,21 +327,28 @@ def _couple_getitem(ctx: Ctx) -> None:
             expanded.append(i)
     expanded.extend([slice(None)] * (len(ish) - sum(1 for i in expanded if i is not None)))
     spaces, d, od = [], 0, 0
+    advanced = any(isinstance(i, torch.fx.Node) for i in expanded)
+    strided = False
     for i in expanded:
         if i is None:
             od += 1
             continue
         s = v.at(d)
         if isinstance(i, slice):
-            if s is not None:
+            if s is None:
+                pass
+            elif any(isinstance(x, torch.fx.Node) for x in (i.start, i.stop, i.step)):
+                ctx.pin_because(s, "a slice with computed bounds (sized from a shape) would keep the old "
+                                   "channel count: the sliced channels are pinned")
+            else:
                 start, stop, step = i.indices(ish[d])
-                if step != 1 or any(isinstance(x, torch.fx.Node) for x in (i.start, i.stop, i.step)):
-                    ctx.b.pin(s)
-                else:
+                if step != 1 and (strided or advanced):
+                    ctx.pin_because(s, "a strided slice next to another strided slice or a tensor index: "
+                                       "its channels are pinned")
+                else:  # out index j <-> in index start + j*step; indices outside are free here
+                    strided = strided or step != 1
                     o = ctx.new(od)
-                    ctx.b.union(s, o, np.arange(start, stop))
-                    if stop - start < s.size:
-                        pass  # indices outside the slice are free on this path
+                    ctx.b.union(s, o, np.arange(start, stop, step))
                     spaces.append(o)
             d += 1
             od += 1
@@ -359,6 +377,8 @@ def _single_gather(i: Any, expanded: list) -> bool:
 
 
 def _slim_getitem(ctx: SlimCtx) -> None:
+    """Slices over spaced dims select the kept indices of the slimmed input: a slice when they
+    are evenly spaced, else (a strided slice that lost some) an index tensor held as a buffer."""
     src, idx = ctx.node.args
     v = spaces_of(src)
     if not isinstance(v, TensorSpaces) or not v.spaces:
@@ -377,10 +397,12 @@ def _slim_getitem(ctx: SlimCtx) -> None:
             out.append(i)
             continue
         s = v.at(d)
-        if isinstance(i, slice) and s is not None and i != slice(None):
-            start, stop, _ = i.indices(ish[d])
+        computed = isinstance(i, slice) and any(isinstance(x, torch.fx.Node) for x in (i.start, i.stop, i.step))
+        if isinstance(i, slice) and s is not None and i != slice(None) and not computed:
+            sel = np.arange(*i.indices(ish[d]))
             kept = ctx.kept(s)
-            out.append(slice(int((kept < start).sum()), int((kept < stop).sum()), None))
+            pos = np.searchsorted(kept, sel[np.isin(sel, kept)])  # where the kept selected indices now are
+            out.append(_select(ctx, pos, d))
             changed = True
         else:
             out.append(i)
@@ -389,6 +411,128 @@ def _slim_getitem(ctx: SlimCtx) -> None:
         ctx.node.args = (src, tuple(out) if was_tuple else out[0])
 
 
+def _select(ctx: SlimCtx, pos: np.ndarray, d: int) -> Any:
+    """A slice picking the positions ``pos`` (increasing) when evenly spaced, else an index
+    tensor (a buffer of the graph module read with ``get_attr``)."""
+    steps = np.unique(np.diff(pos))
+    if pos.size == 0:
+        return slice(0, 0, None)
+    if pos.size == 1 or (steps.size == 1 and steps[0] > 0):
+        step = int(steps[0]) if pos.size > 1 else 1
+        return slice(int(pos[0]), int(pos[-1]) + 1, None if step == 1 else step)
+    name = f"_oba_index_{ctx.node.name}_{d}"
+    ctx.gm.register_buffer(name, torch.as_tensor(pos, dtype=torch.long))
+    with ctx.gm.graph.inserting_before(ctx.node):
+        return ctx.gm.graph.get_attr(name)
+
+
 GETITEM = register(OpRule("getitem", _couple_getitem, _slim_getitem), functions=(operator.getitem,))
 
 
+
+
+# ---- reshape_as, narrow, max/min over a dim ------------------------------------------------
+def _couple_reshape_as(ctx: Ctx) -> None:
+    """``x.reshape_as(other)`` / ``x.view_as(other)``: a reshape to ``other``'s shape, which
+    slimming changes with ``other``'s channels: each output space is tied to ``other``'s space
+    there, and a dim spaced on one side only is pinned on that side."""
+    x, other = ctx.node.args[0], ctx.node.args[1]
+    couple_reshape(ctx, x)
+    out, ots = tensor_spaces(ctx.node), tensor_spaces(other)
+    kept = []
+    for d in range(len(ctx.out_shape)):
+        o, s = out.at(d), ots.at(d)
+        if o is not None and s is not None:
+            ctx.b.union(o, s)
+        elif o is not None or s is not None:
+            ctx.pin_because(o or s, f"{ctx.node.target}: dim {d} is sized by the other tensor, whose channels "
+                                    "are not those of the reshaped one: pinned")
+        if o is not None:
+            kept.append(o)
+    ctx.set(TensorSpaces(tuple(kept)))
+
+
+RESHAPE_AS = register(OpRule("reshape_as", _couple_reshape_as), methods=("reshape_as", "view_as"))
+
+
+def _couple_narrow(ctx: Ctx) -> None:
+    """``narrow(x, dim, start, length)``: ``x[..., start:start + length]`` along ``dim``."""
+    x = ctx.node.args[0]
+    nd = len(shape_of(x))
+    d, start, length = ctx.arg(1, "dim") % nd, ctx.arg(2, "start"), ctx.arg(3, "length")
+    sp = ctx.dim_map(x, {k: k for k in range(nd)}, consumed=(d,))
+    s = tensor_spaces(x).at(d)
+    if s is not None:
+        if not (isinstance(start, int) and isinstance(length, int)):
+            ctx.pin_because(s, "narrow with a computed start or length: the narrowed channels are pinned")
+        else:
+            o = sp[d] = ctx.new(d)
+            ctx.b.union(s, o, np.arange(start % s.size, start % s.size + length))
+    ctx.set(TensorSpaces(tuple(sp[k] for k in sorted(sp))))
+
+
+def _slim_narrow(ctx: SlimCtx) -> None:
+    node = ctx.node
+    x = node.args[0]
+    nd = len(shape_of(x))
+    d, start, length = ctx.arg(1, "dim") % nd, ctx.arg(2, "start"), ctx.arg(3, "length")
+    s = tensor_spaces(x).at(d)
+    if s is None or not (isinstance(start, int) and isinstance(length, int)):
+        return
+    kept = ctx.kept(s)
+    start %= s.size
+    new_start = int((kept < start).sum())
+    new_len = int((kept < start + length).sum()) - new_start
+    args = [x, ctx.arg(1, "dim"), new_start, new_len]
+    node.args, node.kwargs = tuple(args), {}
+
+
+NARROW = register(OpRule("narrow", _couple_narrow, _slim_narrow), functions=(torch.narrow,), methods=("narrow",))
+
+
+def _couple_max_min(ctx: Ctx) -> None:
+    """``x.max(dim)`` / ``x.min(dim)``: ``(values, indices)``, the dim reduced (its spaces
+    pinned: the index of the maximum counts channels), the other dims passed to both;
+    ``x.max()`` reduces everything; ``torch.max(a, b)`` is elementwise."""
+    x = ctx.node.args[0]
+    second = ctx.arg(1, "dim", ctx.node.kwargs.get("other"))
+    if isinstance(second, torch.fx.Node) and shape_of(second) is not None:  # torch.max(a, b)
+        return couple_broadcast(ctx)
+    nd = len(shape_of(x))
+    if second is None:
+        ctx.b.pin_all(spaces_of(x))
+        return ctx.set(EMPTY)
+    if not isinstance(second, int):
+        return ctx.barrier("max/min over a computed dim")
+    d = second % nd
+    keep = bool(ctx.arg(2, "keepdim", False))
+    outs = []
+    for k in range(2):
+        spaces = []
+        for xs in tensor_spaces(x).spaces:
+            if xs.dim == d:
+                ctx.b.pin(xs)
+                continue
+            od = xs.dim if (xs.dim < d or keep) else xs.dim - 1
+            o = ctx.b._new("tensor", f"{ctx.node.name}[{k}]", od, xs.size)
+            ctx.b.union(xs, o)
+            spaces.append(o)
+        outs.append(TensorSpaces(tuple(spaces)))
+    ctx.set(tuple(outs))
+
+
+MAX_MIN = register(OpRule("max_min", _couple_max_min, None, None, "piecewise"),
+                   functions=(torch.max, torch.min), methods=("max", "min"))
+
+
+def _couple_result_field(ctx: Ctx) -> None:
+    """``r.values`` / ``r.indices`` of a ``max``/``min``/``sort``/``topk`` result (an ``x.shape`` is a size node)."""
+    src, name = ctx.node.args
+    v = spaces_of(src)
+    fields = {"values": 0, "indices": 1}
+    if not isinstance(v, tuple) or name not in fields:
+        return ctx.barrier(f"attribute {name!r} of a value that is not a (values, indices) result")
+    ctx.set(v[fields[name]])
+
+
+RESULT_FIELD = register(OpRule("result_field", _couple_result_field), functions=(getattr,))

@@ -28,8 +28,8 @@ def is_tensor(node: Any) -> bool:
 def is_size_value(node: torch.fx.Node) -> bool:
     """Whether ``node`` computes a size (``x.shape``, ``x.size(1)``, ``x.dim()``, an item of
     those): an integer, with no derivative and no channels."""
-    if node.op == "call_function" and node.target in SIZE_FUNCTIONS:
-        return True
+    if node.op == "call_function" and node.target in SIZE_FUNCTIONS:  # x.shape (not r.values of a max)
+        return shape_of(node) is None
     if node.op == "call_method" and node.target in SIZE_METHODS:
         return True
     if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], torch.fx.Node):
@@ -103,5 +103,8 @@ def check_taint(ctx: Ctx) -> None:
         bad = _taint_of(st, node.args) | _taint_of(st, node.kwargs)
     for sid in bad:
         ctx.b.pin(ctx.b.spaces[sid])
+    if bad:
+        ctx.b.barrier(node, "a channel count read from a shape is used where slimming cannot rewrite it "
+                            f"(an argument of {getattr(t, '__name__', t)}): those channels are pinned")
 
 
