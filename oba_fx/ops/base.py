@@ -194,12 +194,13 @@ def node_arg(node: torch.fx.Node, i: int, name: str, default: Any = None) -> Any
     return node.kwargs.get(name, default)
 
 
-def tensor_args(node: torch.fx.Node) -> list[torch.fx.Node]:
+def _arg_nodes(node: torch.fx.Node, keep: Callable[[torch.fx.Node], bool]) -> list[torch.fx.Node]:
+    """The nodes among ``node``'s arguments (tuples, lists and dicts searched) for which ``keep``."""
     out: list[torch.fx.Node] = []
 
     def visit(a: Any) -> None:
         if isinstance(a, torch.fx.Node):
-            if shape_of(a) is not None:
+            if keep(a):
                 out.append(a)
         elif isinstance(a, (tuple, list)):
             for x in a:
@@ -211,26 +212,16 @@ def tensor_args(node: torch.fx.Node) -> list[torch.fx.Node]:
     visit(node.args)
     visit(node.kwargs)
     return out
+
+
+def tensor_args(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The arguments of ``node`` whose value is a tensor of known shape."""
+    return _arg_nodes(node, lambda a: shape_of(a) is not None)
 
 
 def tuple_args(node: torch.fx.Node) -> list[torch.fx.Node]:
     """The arguments of ``node`` whose value is a tuple of tensors (``x.chunk(2, 1)`` passed whole)."""
-    out: list[torch.fx.Node] = []
-
-    def visit(a: Any) -> None:
-        if isinstance(a, torch.fx.Node):
-            if isinstance(a.meta.get(M.TENSOR_META), (tuple, list)):
-                out.append(a)
-        elif isinstance(a, (tuple, list)):
-            for x in a:
-                visit(x)
-        elif isinstance(a, dict):
-            for x in a.values():
-                visit(x)
-
-    visit(node.args)
-    visit(node.kwargs)
-    return out
+    return _arg_nodes(node, lambda a: isinstance(a.meta.get(M.TENSOR_META), (tuple, list)))
 
 
 class Ctx:
