@@ -1,0 +1,7 @@
+"""``python -m oba_fx`` (and ``torchrun -m oba_fx``): the ``oba-fx`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
