@@ -145,6 +145,14 @@ def prune_graph(model: nn.Module, example_inputs: Any, *, criterion: str = "l1",
         The slimmed GraphModule; ``compiled.meta["oba"]`` is the report (FLOPs and parameters
         before/after, kept indices of every pruned parameter, barriers).
 
+    Raises:
+        BadTypeError: (a ``TypeError``) ``model`` is not an ``nn.Module`` or is TorchScript;
+            ``data`` is a bare tensor, or its batches are not ``(inputs, targets)`` pairs.
+        BadInputError: (a ``ValueError``) a bad option; a model on the meta device or with
+            non-finite weights; example inputs or batches that do not fit the model; labels
+            that do not fit its logits (with the default ``loss_fn``).
+        TraceError: the model cannot be traced (with the ways out).
+
     Example:
         >>> import torch, oba_fx
         >>> m = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),

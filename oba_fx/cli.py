@@ -173,14 +173,14 @@ def _check_prune_args(args) -> Path:
 
 
 def cmd_prune(args) -> int:
+    out_path = _check_prune_args(args)  # before torch is imported: a bad flag fails in a fraction of a second
+    distill = _distill_options(args)
     from . import prune_graph
     from .data import data_dir
     from .evaluate import evaluate
     from .io import save
     from .models import get_model
 
-    out_path = _check_prune_args(args)
-    distill = _distill_options(args)
     data = data_dir(args.data)
     weights = _weights_path(args, data)
     classes = 100 if args.dataset == "cifar100" else 10

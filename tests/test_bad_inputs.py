@@ -12,6 +12,7 @@ import torch.nn as nn
 
 import oba_fx
 from oba_fx.cli import main
+from oba_fx.finetune import finetune  # oba_fx.finetune is the module once any code imported it
 from oba_fx.models import load_checkpoint
 from oba_fx.errors import OBAError
 
@@ -66,7 +67,7 @@ def test_float_labels_say_how_to_convert_them():
 def test_labels_out_of_range_are_found_in_a_later_training_batch():
     data = _data(3)
     data[2] = (data[2][0], torch.full((6,), -3))
-    _raises(ValueError, lambda: oba_fx.finetune(_mlp(), data, epochs=1, progress=False), "batch 3", "label -3")
+    _raises(ValueError, lambda: finetune(_mlp(), data, epochs=1, progress=False), "batch 3", "label -3")
 
 
 def test_labels_out_of_range_in_power_iteration_and_unstructured_pruning():
@@ -98,7 +99,7 @@ def test_a_bare_tensor_as_data_asks_for_batches(entry):
     call = {
         "prune_graph": _prune(criterion="taylor", data=x),
         "score": lambda: oba_fx.score(_mlp(), x, criterion="taylor", progress=False),
-        "finetune": lambda: oba_fx.finetune(_mlp(), x, epochs=1, progress=False),
+        "finetune": lambda: finetune(_mlp(), x, epochs=1, progress=False),
         "prune_unstructured": lambda: oba_fx.prune_unstructured(_mlp(), x, criterion="taylor", sparsity=0.5),
     }[entry]
     _raises(TypeError, call, entry, "bare tensor of shape (6, 4)", "(inputs, targets)", "DataLoader")
@@ -119,7 +120,7 @@ def test_a_generator_with_several_steps_is_read_once_and_prunes_like_a_list():
 
 
 def test_a_generator_read_for_several_epochs_fails_up_front():
-    _raises(ValueError, lambda: oba_fx.finetune(_mlp(), (b for b in _data()), epochs=2, progress=False),
+    _raises(ValueError, lambda: finetune(_mlp(), (b for b in _data()), epochs=2, progress=False),
             "one-shot iterator", "read 2 times", "DataLoader")
 
 
@@ -140,7 +141,7 @@ def test_a_non_module_is_refused_naming_the_entry_point(entry):
     call = {"prune_graph": _prune(f),
             "explain": lambda: oba_fx.explain(f, torch.randn(1, 4)),
             "score": lambda: oba_fx.score(f, None, criterion="l1"),
-            "finetune": lambda: oba_fx.finetune(f, _data(), epochs=1),
+            "finetune": lambda: finetune(f, _data(), epochs=1),
             "prune_unstructured": lambda: oba_fx.prune_unstructured(f, None, criterion="l1", sparsity=0.5)}[entry]
     _raises(TypeError, call, f"{entry} expects a torch.nn.Module", "builtin_function_or_method", "nn.Module instance")
 
