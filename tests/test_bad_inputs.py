@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -275,3 +277,10 @@ def test_cli_eval_of_a_missing_model_file_is_not_an_unknown_name(capsys, tmp_pat
 def test_cli_explain_checks_its_weights(capsys, tmp_path):
     line = _cli(capsys, "explain", "--weights", str(tmp_path / "none.th"), "--out", str(tmp_path))
     assert "does not exist" in line and "none.th" in line
+
+
+def test_cli_flags_are_checked_before_torch_is_imported():
+    code = ("import sys, oba_fx.cli; rc = oba_fx.cli.main(['prune', '--calib-batches', '0']); "
+            "print(rc, 'torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.split() == ["2", "False"] and "--calib-batches" in r.stderr
