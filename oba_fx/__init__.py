@@ -18,7 +18,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .errors import MissingAnalysisError, OBAError, SurgeryError, TraceError, VerificationError
+from .errors import (BadFileError, BadInputError, BadNameError, BadTypeError, DivergedError, MissingAnalysisError,
+                     MissingFileError, MissingSettingError, OBAError, SurgeryError, TraceError, UnimportableError, VerificationError)
 
 #: public name -> the module that defines it (imported on first access)
 _LAZY = {
@@ -33,7 +34,9 @@ _LAZY = {
     "masks_of": "oba_fx.unstructured",
 }
 
-__all__ = [*_LAZY, "OBAError", "TraceError", "SurgeryError", "VerificationError", "MissingAnalysisError"]
+__all__ = [*_LAZY, "OBAError", "TraceError", "SurgeryError", "VerificationError", "MissingAnalysisError",
+           "BadInputError", "BadTypeError", "BadFileError", "MissingFileError", "BadNameError", "UnimportableError",
+           "DivergedError", "MissingSettingError"]
 __version__ = "0.1.0"
 
 

@@ -15,7 +15,8 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from .checks import check_finite_model, check_inputs_usable
+from .batches import reusable
+from .checks import check_data, check_inputs_usable, check_model
 from .criteria import criterion_names, get_criterion
 from .distributed import is_main
 from .passes.pipeline import PruneConfig, analyze_model, run
@@ -91,7 +92,10 @@ def prune_graph(model: nn.Module, example_inputs: Any, *, criterion: str = "l1",
         ignore: modules (names, instances or classes) whose parameters must not change.
         round_to: every layer that loses channels keeps a multiple of this many (see
             :func:`oba_fx.select.apply_round_to` for when the coupling cannot allow it).
-        data: calibration batches ``(inputs, targets)`` for data-driven criteria.
+        data: calibration batches ``(inputs, targets)`` for data-driven criteria: a list, a
+            DataLoader or any iterable that can be read again; a one-shot iterator (a generator)
+            is read once into a list of at most ``max_batches`` batches (they are read several
+            times: the scores of each step, compensation, BatchNorm recalibration).
         loss_fn: ``loss_fn(outputs, targets)``; mean cross-entropy by default.
         hessian: ``"functional"`` or ``"full"`` (for ``criterion="oba"``).
         max_batches: use at most this many calibration batches.
@@ -141,6 +145,14 @@ def prune_graph(model: nn.Module, example_inputs: Any, *, criterion: str = "l1",
         The slimmed GraphModule; ``compiled.meta["oba"]`` is the report (FLOPs and parameters
         before/after, kept indices of every pruned parameter, barriers).
 
+    Raises:
+        BadTypeError: (a ``TypeError``) ``model`` is not an ``nn.Module`` or is TorchScript;
+            ``data`` is a bare tensor, or its batches are not ``(inputs, targets)`` pairs.
+        BadInputError: (a ``ValueError``) a bad option; a model on the meta device or with
+            non-finite weights; example inputs or batches that do not fit the model; labels
+            that do not fit its logits (with the default ``loss_fn``).
+        TraceError: the model cannot be traced (with the ways out).
+
     Example:
         >>> import torch, oba_fx
         >>> m = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
@@ -172,7 +184,9 @@ def prune_graph(model: nn.Module, example_inputs: Any, *, criterion: str = "l1",
 
         if merge not in PARTNER_MODES:
             raise BadInputError(f"merge must be None or one of {PARTNER_MODES}, got {merge!r}")
-    check_finite_model(model)
+    check_model(model, "prune_graph")
+    check_data(data, "prune_graph")
+    data = reusable(data, max_batches)
     inputs = as_tuple(example_inputs)
     check_inputs_usable(inputs, "example_inputs")
     config = PruneConfig(
@@ -213,6 +227,7 @@ def explain(model: nn.Module, example_inputs: Any, *, path: str | Path | None = 
     """
     from .graphs import coupling_graph, write_graph
 
+    check_model(model, "explain", finite=False)
     gm = analyze_model(model, as_tuple(example_inputs), leaf_modules=leaf_modules, concrete_args=concrete_args)
     G = coupling_graph(gm.meta["oba.coupling"])
     if path is not None:
@@ -238,5 +253,6 @@ def hessian_structure(model: nn.Module, example_inputs: Any, *, leaf_modules: It
         >>> sorted(G.edges(data="kind"))
         [('0', '0', 'parallel'), ('0', '2', 'series')]
     """
+    check_model(model, "hessian_structure", finite=False)
     gm = analyze_model(model, as_tuple(example_inputs), leaf_modules=leaf_modules, concrete_args=concrete_args)
     return gm.meta["oba.hessian_structure"]

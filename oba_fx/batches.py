@@ -11,10 +11,13 @@ Example:
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Iterable, Iterator
 
 import torch
 import torch.nn as nn
+
+log = logging.getLogger(__name__)
 
 
 def take(data: Iterable, max_batches: int | None) -> Iterator:
@@ -26,6 +29,29 @@ def take(data: Iterable, max_batches: int | None) -> Iterator:
         yield batch
         if max_batches is not None and i >= max_batches:
             return
+
+
+def reusable(data: Any, max_batches: int | None) -> Any:
+    """``data`` as it is if it can be iterated again; a one-shot iterator (a generator) read once
+    into a list of its first ``max_batches`` batches (all of them when ``None``).
+
+    Pruning reads the calibration data several times (the scores of each step, compensation,
+    BatchNorm recalibration), each time through :func:`take` with the same ``max_batches``, so
+    the list holds exactly what every pass would read. It holds it in memory at once: give a
+    list or a DataLoader to avoid that.
+
+    Example:
+        >>> reusable((i for i in range(5)), 2)
+        [0, 1]
+        >>> reusable(range(3), 2)
+        range(0, 3)
+    """
+    if not isinstance(data, Iterator):
+        return data
+    out = list(take(data, max_batches))
+    log.info("data is a one-shot iterator (%s): read its %d batch(es) into a list to read them again",
+             type(data).__name__, len(out))
+    return out
 
 
 def to_device(x: Any, device: torch.device | str) -> Any:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .criteria import REGISTRY, get_criterion
-from oba_fx.errors import BadInputError
+from oba_fx.errors import BadInputError, OBAError, one_line
 
 if TYPE_CHECKING:  # the command line checks its arguments before torch is imported
     import torch
@@ -129,35 +129,58 @@ def _sparsity_table(report: dict) -> str:
 
 
 
+def _check_counts(args, at_least_one: tuple[str, ...], at_least_zero: tuple[str, ...] = ()) -> None:
+    """Integer flags: those in ``at_least_one`` must be >= 1, those in ``at_least_zero`` >= 0
+    (``None``, the flag's "no limit" default, passes)."""
+    for flags, low in ((at_least_one, 1), (at_least_zero, 0)):
+        for flag in flags:
+            value = getattr(args, flag)
+            if value is not None and value < low:
+                what = "a positive integer" if low else "a non-negative integer"
+                raise BadInputError(f"--{flag.replace('_', '-')} must be {what}, got {value}")
+
+
+def _check_weights(args) -> None:
+    """``--weights`` (or ``$OBA_FX_WEIGHTS``) names a readable torch checkpoint file."""
+    from .files import check_checkpoint_file
+
+    if args.weights:
+        check_checkpoint_file(args.weights, "--weights")
+    elif os.environ.get(WEIGHTS_ENV):
+        check_checkpoint_file(os.environ[WEIGHTS_ENV], f"${WEIGHTS_ENV}")
+
+
 def _check_prune_args(args) -> Path:
-    """Everything that can be checked before minutes of work; returns where the model goes."""
+    """Everything that can be checked before minutes of work (flags, the criterion, the weights
+    file, where the model goes); returns where the model goes."""
+    from .files import check_writable
+
     if not 0.0 < args.target_flops <= 1.0:
         raise BadInputError(f"--target-flops is the retained FLOPs fraction and must be in (0, 1], got {args.target_flops}")
     if args.unstructured and (args.sparsity is None or not 0.0 <= args.sparsity < 1.0):
         raise BadInputError(f"--unstructured needs --sparsity in [0, 1) (the fraction of weights removed), "
                             f"got {args.sparsity}")
-    for flag in ("calib_batches", "batch_size", "steps"):
-        if getattr(args, flag) < 1:
-            raise BadInputError(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
+    _check_counts(args, ("calib_batches", "batch_size", "steps", "test_limit", "train_limit"), ("finetune_epochs",))
+    if not args.lr > 0:
+        raise BadInputError(f"--lr is the fine-tuning learning rate and must be positive, got {args.lr}")
+    get_criterion(args.criterion)  # an unknown name: the error lists the registered ones
+    _check_weights(args)
     out = Path(args.out or Path("oba_fx_out") / f"{args.model}-flops{args.target_flops:g}.pt")
-    folder = out.parent
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise OSError(f"--out {out}: {existing} is not a writable folder; pass --out to a writable place")
+    check_writable(out, "--out", create=True)
+    if args.report not in (None, "none"):
+        check_writable(Path(args.report) / "index.html", "--report", create=True)
     return out
 
 
 def cmd_prune(args) -> int:
+    out_path = _check_prune_args(args)  # before torch is imported: a bad flag fails in a fraction of a second
+    distill = _distill_options(args)
     from . import prune_graph
     from .data import data_dir
     from .evaluate import evaluate
     from .io import save
     from .models import get_model
 
-    out_path = _check_prune_args(args)
-    distill = _distill_options(args)
     data = data_dir(args.data)
     weights = _weights_path(args, data)
     classes = 100 if args.dataset == "cifar100" else 10
@@ -234,6 +257,11 @@ def write_report(args, model, x, pruned, acc: dict, tests: dict, history) -> Pat
 
 
 def cmd_explain(args) -> int:
+    from .files import check_writable
+
+    _check_counts(args, ("input_size",))
+    _check_weights(args)
+    check_writable(Path(args.out) / f"coupling.{args.format}", "--out", create=True)
     import torch
 
     from . import explain
@@ -250,14 +278,36 @@ def cmd_explain(args) -> int:
     return 0
 
 
+#: file name endings that make ``--model`` a saved model rather than a model name
+MODEL_FILE_SUFFIXES = (".pt", ".pth", ".th", ".pkl")
+
+
+def _eval_model_file(args) -> Path | None:
+    """The saved model ``oba-fx eval --model`` names, or ``None`` for a model name; a path that
+    does not exist is an error here, not an "unknown model name" later."""
+    from .errors import MissingFileError
+
+    path = Path(args.model).expanduser()
+    if path.is_file():
+        return path
+    if path.suffix in MODEL_FILE_SUFFIXES or os.sep in args.model:
+        raise MissingFileError(f"--model {args.model!r}: no such file; pass a file written by oba-fx prune --out, "
+                               "or a model name such as resnet56 (with --weights)")
+    return None
+
+
 def cmd_eval(args) -> int:
+    _check_counts(args, ("test_limit",))
+    saved = _eval_model_file(args)
+    if saved is None:
+        _check_weights(args)
     from .data import cifar10_loader, data_dir
     from .evaluate import evaluate
     from .io import load
     from .models import get_model
 
     data = data_dir(args.data)
-    model = load(args.model) if Path(args.model).is_file() else get_model(args.model, weights=args.weights)
+    model = load(saved) if saved is not None else get_model(args.model, weights=args.weights)
     for split in ("test_lossless1k", "test"):
         acc = evaluate(model, cifar10_loader(data, split, batch_size=500, limit=args.test_limit))
         print(f"{split:16s} top-1 {100 * acc:5.1f} %")
@@ -275,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="npz: a folder like the project's CIFAR-10 arrays; cifar10/cifar100: torchvision datasets")
     pr.add_argument("--download", action="store_true", help="let torchvision download CIFAR (needs internet)")
     pr.add_argument("--target-flops", type=float, default=0.5, help="retained FLOPs fraction (default 0.5)")
-    pr.add_argument("--criterion", default="l1", choices=list(REGISTRY), metavar="NAME",
+    pr.add_argument("--criterion", default="l1", metavar="NAME",
                     help="pruning criterion (default l1): " + "; ".join(
                         f"{c.name}: {c.description}" + (" [needs data]" if c.needs_data else "")
                         for c in REGISTRY.values()))
@@ -365,8 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _ranks():
             return args.fn(args)
-    except (ValueError, FileNotFoundError, RuntimeError, OSError, KeyError) as e:
-        print(f"oba-fx: error: {e}", file=sys.stderr)
+    except (OBAError, ValueError, OSError, KeyError, RuntimeError) as e:  # bad input: one line, no traceback
+        print(f"oba-fx: error: {one_line(e)}", file=sys.stderr)
         return 2
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
-from oba_fx.errors import BadInputError
+from oba_fx.errors import BadFileError, BadInputError, MissingFileError, MissingSettingError, one_line
 
 __all__ = [
     "ENV_VAR",
@@ -76,8 +76,9 @@ def data_dir(explicit: str | os.PathLike | None = None) -> Path:
         The folder as a :class:`~pathlib.Path`.
 
     Raises:
-        RuntimeError: Neither ``explicit`` nor ``OBA_FX_DATA`` is set.
-        FileNotFoundError: The folder named does not exist or is not a directory.
+        MissingSettingError: (a ``RuntimeError``) neither ``explicit`` nor ``OBA_FX_DATA`` is set.
+        MissingFileError: (a ``FileNotFoundError``) the folder named does not exist or is not a
+            directory.
 
     Example:
         >>> import tempfile
@@ -90,14 +91,14 @@ def data_dir(explicit: str | os.PathLike | None = None) -> Path:
     else:
         env = os.environ.get(ENV_VAR)
         if not env:
-            raise RuntimeError(
+            raise MissingSettingError(
                 "no data folder given: pass --data DIR (or data_dir(explicit=DIR)) or set the "
                 f"environment variable {ENV_VAR}=DIR, where DIR holds {', '.join(SPLITS.values())}"
             )
         path, source = Path(env), f"${ENV_VAR}"
     path = path.expanduser()
     if not path.is_dir():
-        raise FileNotFoundError(f"data folder {str(path)!r} (from {source}) does not exist or is not a directory")
+        raise MissingFileError(f"data folder {str(path)!r} (from {source}) does not exist or is not a directory")
     return path
 
 
@@ -133,8 +134,8 @@ def load_cifar10_npz(
 
     Raises:
         ValueError: Unknown split, or a file without the expected arrays.
-        FileNotFoundError: The folder or the split's file is missing.
-        OSError: The file cannot be read as an npz archive.
+        MissingFileError: (a ``FileNotFoundError``) the folder or the split's file is missing.
+        BadFileError: (an ``OSError``) the file cannot be read as an npz archive.
 
     Example:
         >>> x, y = load_cifar10_npz(data_dir(), "test_lossless1k", limit=8)   # doctest: +SKIP
@@ -145,19 +146,20 @@ def load_cifar10_npz(
         raise BadInputError(f"unknown split {split!r}; expected one of {sorted(SPLITS)}")
     folder = Path(dir)
     if not folder.is_dir():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"data folder {str(folder)!r} does not exist; it should hold {', '.join(SPLITS.values())}"
         )
     path = folder / SPLITS[split]
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"CIFAR-10 file {str(path)!r} for split {split!r} is missing; the data folder should hold "
             f"{', '.join(SPLITS.values())}"
         )
     try:
         archive = np.load(path, allow_pickle=False)
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
-        raise OSError(f"cannot read CIFAR-10 file {str(path)!r} as an npz archive: {exc}") from exc
+        raise BadFileError(f"cannot read CIFAR-10 file {str(path)!r} as an npz archive: {one_line(exc)}; it "
+                           "may be truncated: copy it again") from exc
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise BadInputError(f"{str(path)!r} is a single .npy array, not an npz archive with 'x' and 'y'")
     with archive as d:
@@ -166,7 +168,8 @@ def load_cifar10_npz(
         try:
             xs, ys = d["x"], d["y"]
         except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
-            raise OSError(f"cannot read arrays from CIFAR-10 file {str(path)!r}: {exc}") from exc
+            raise BadFileError(f"cannot read arrays from CIFAR-10 file {str(path)!r}: {one_line(exc)}; it may be "
+                               "truncated: copy it again") from exc
     if xs.dtype != np.uint8 or xs.ndim != 4 or xs.shape[1:] != (32, 32, 3) or len(ys) != len(xs):
         raise BadInputError(
             f"{str(path)!r}: expected x uint8 (N, 32, 32, 3) and y (N,), got x {xs.dtype} {xs.shape}, y {ys.shape}"
@@ -262,8 +265,8 @@ def torchvision_cifar(
         The torchvision dataset, yielding normalised float tensors and int labels.
 
     Raises:
-        ValueError: Unknown ``dataset``.
-        RuntimeError: From torchvision when the files are absent and ``download`` is False.
+        BadInputError: (a ``ValueError``) unknown ``dataset``.
+        MissingFileError: (a ``FileNotFoundError``) the files are absent and ``download`` is False.
 
     Example:
         >>> ds = torchvision_cifar("~/datasets", train=False)   # doctest: +SKIP
@@ -278,6 +281,9 @@ def torchvision_cifar(
         raise BadInputError(f"unknown dataset {dataset!r}; expected one of {sorted(classes)}")
     steps: list = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if augment else []
     steps += [T.ToTensor(), T.Normalize(MEAN, STD)]
-    return classes[dataset](
-        root=os.path.expanduser(os.fspath(root)), train=train, download=download, transform=T.Compose(steps)
-    )
+    root = os.path.expanduser(os.fspath(root))
+    try:
+        return classes[dataset](root=root, train=train, download=download, transform=T.Compose(steps))
+    except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
+        raise MissingFileError(f"{dataset} not found (or corrupted) under {root!r}: {one_line(exc)} (CLI: "
+                               "--download)") from exc

@@ -84,7 +84,8 @@ from tqdm.auto import tqdm
 from .batches import module_device, to_device
 from .evaluate import evaluate
 from .io import atomic_save
-from oba_fx.errors import BadInputError
+from .checks import LabelCheck, check_data, check_model
+from oba_fx.errors import BadFileError, BadInputError, BadNameError, BadTypeError, DivergedError, one_line
 
 __all__ = ["CHECKPOINT_NAME", "DEFAULT_DISTILL_WEIGHT", "DEFAULT_TEMPERATURE", "FinetuneResult", "distillation_loss",
            "finetune", "train_epoch"]
@@ -225,8 +226,8 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and torch errors all mean "unreadable"
-        raise OSError(f"cannot read the fine-tuning checkpoint {str(path)!r} (truncated or corrupt?): {exc}; "
-                      "delete it or pass resume=False to start afresh") from exc
+        raise BadFileError(f"cannot read the fine-tuning checkpoint {str(path)!r} (truncated or corrupt?): "
+                           f"{one_line(exc)}; delete it or pass resume=False to start afresh") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != _FORMAT:
         raise BadInputError(f"{str(path)!r} is not an oba_fx fine-tuning checkpoint; delete it or pass resume=False")
     if ckpt.get("version", 0) > _VERSION:
@@ -243,7 +244,7 @@ def _prepare_masks(model: nn.Module, masks: Mapping[str, torch.Tensor] | None
     out = []
     for name, mask in masks.items():
         if name not in params:
-            raise KeyError(f"mask for {name!r}, which is not a parameter of the model; parameters are e.g. "
+            raise BadNameError(f"mask for {name!r}, which is not a parameter of the model; parameters are e.g. "
                            f"{sorted(params)[:8]}")
         p = params[name]
         mask = torch.as_tensor(mask)
@@ -280,7 +281,7 @@ def _check_distill_settings(temperature: float, weight: float) -> None:
 def _check_logits(student: Any, teacher: Any) -> None:
     for who, t in (("student", student), ("teacher", teacher)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"distillation needs logits tensors, but the {who} returned {type(t).__name__}; "
+            raise BadTypeError(f"distillation needs logits tensors, but the {who} returned {type(t).__name__}; "
                             "wrap the model so that its forward returns the (batch, classes) logits")
     if student.shape != teacher.shape or student.dim() != 2:
         raise BadInputError(
@@ -343,7 +344,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 def _check_teacher(teacher: nn.Module, model: nn.Module) -> None:
     if not isinstance(teacher, nn.Module):
-        raise TypeError(f"teacher must be a torch.nn.Module, got {type(teacher).__name__}")
+        raise BadTypeError(f"teacher must be a torch.nn.Module, got {type(teacher).__name__}")
     if teacher is model or {id(p) for p in teacher.parameters()} & {id(p) for p in model.parameters()}:
         raise BadInputError("the teacher shares parameters with the model being trained; a teacher must stay fixed: "
                          "pass a frozen copy taken before pruning, e.g. teacher=copy.deepcopy(model)")
@@ -516,16 +517,18 @@ def _run_batches(model, loader, optimizer, loss_fn, teacher, distill, mask_list,
                  progress, desc, log_every) -> dict[str, Any]:
     """The batch loop of :func:`train_epoch` (arguments checked there)."""
     tally, t0 = _Tally(), time.perf_counter()
+    labels = LabelCheck(model, isinstance(loss_fn, nn.CrossEntropyLoss), lambda x: _forward(model, x))
     # The bar is fed by hand: handed the loader, tqdm.auto's class calls iter() on it at once, which starts a
     # DataLoader's worker processes and draws from its generator for an iterator that is thrown away.
     bar = tqdm(desc=desc, disable=not progress, leave=False, total=_len_or_none(loader, max_batches))
     try:
         for i, batch in enumerate(itertools.islice(loader, max_batches)):  # no batch beyond max_batches is drawn
             x, y = to_device(batch[0], dev), to_device(batch[1], dev)
+            labels(x, y, f"{desc}, batch {i + 1}")
             loss, out = _loss(model, teacher, x, y, loss_fn, distill)
             value = float(loss.detach())
             if not math.isfinite(value):
-                raise FloatingPointError(f"training loss is {value} in {desc}, batch {i + 1}; lower the learning rate")
+                raise DivergedError(f"training loss is {value} in {desc}, batch {i + 1}; lower the learning rate")
             _step(loss, optimizer, mask_list)
             if scheduler is not None:
                 scheduler.step()
@@ -548,8 +551,7 @@ def _run_batches(model, loader, optimizer, loss_fn, teacher, distill, mask_list,
 
 def _check_finetune_args(model: Any, epochs: Any, max_batches: int | None, teacher: Any, temperature: float,
                          distill_weight: float) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"finetune expects a torch.nn.Module, got {type(model).__name__}")
+    check_model(model, "finetune", traced=False, finite=False)
     if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
         raise BadInputError(f"epochs must be a non-negative int, got {epochs!r}")
     if max_batches is not None and max_batches < 1:
@@ -726,6 +728,7 @@ def finetune(
         (1,)
     """
     _check_finetune_args(model, epochs, max_batches, teacher, temperature, distill_weight)
+    check_data(train_loader, "finetune", reads=epochs)
     milestones = _checked_milestones(epochs, milestones)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:

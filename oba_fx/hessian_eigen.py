@@ -51,8 +51,9 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from .batches import take, to_device
-from .checks import check_inputs_usable
+from .checks import LabelCheck, check_data, check_inputs_usable, check_model, split_batch
 from .hvp import LossFn, check_hessian, fused_hvp, trainable_param_names
+from .errors import BadInputError, BadNameError
 
 log = logging.getLogger(__name__)
 
@@ -305,24 +306,25 @@ def _check_masks(masks: Mapping[str, torch.Tensor] | None, params: Mapping[str, 
     out = {}
     for n, m in (masks or {}).items():
         if n not in params:
-            raise KeyError(f"masks: {n!r} is not one of the parameters power iteration spans "
+            raise BadNameError(f"masks: {n!r} is not one of the parameters power iteration spans "
                            f"(e.g. {list(params)[:4]}); pass param_names= to include it")
         if tuple(m.shape) != tuple(params[n].shape):
-            raise ValueError(f"masks[{n!r}] has shape {tuple(m.shape)}, the parameter {tuple(params[n].shape)}")
+            raise BadInputError(f"masks[{n!r}] has shape {tuple(m.shape)}, the parameter {tuple(params[n].shape)}")
         out[n] = m.to(device=params[n].device, dtype=params[n].dtype)
     return out
 
 
-def _batches(data: Iterable, max_batches: int | None, device: torch.device) -> list:
+def _batches(data: Iterable, max_batches: int | None, device: torch.device, labels: LabelCheck) -> list:
     if data is None:
-        raise ValueError("power_iteration needs calibration data: data=<iterable of (inputs, targets)>")
+        raise BadInputError("power_iteration needs calibration data: data=<iterable of (inputs, targets)>")
     out = []
     for i, b in enumerate(take(data, max_batches)):
-        x, y = to_device(b[0], device), to_device(b[1], device)
+        x, y = (to_device(t, device) for t in split_batch(b, f"calibration batch {i}"))
         check_inputs_usable(x, f"calibration batch {i}")
+        labels(x, y, f"calibration batch {i}")
         out.append((x, y))
     if not out:
-        raise ValueError("no batches: `data` yielded nothing (or max_batches=0)")
+        raise BadInputError("no batches: `data` yielded nothing (or max_batches=0)")
     return out
 
 
@@ -353,8 +355,12 @@ def power_iteration(model: nn.Module, data: Iterable, *, k: int = 1, iters: int 
         :class:`PowerIterationResult` (``.report()`` for a JSON summary).
 
     Raises:
-        ValueError: ``k`` or ``iters`` not positive, unknown ``hessian`` or ``mode``, no batches,
-            a mask of the wrong shape.
+        BadInputError: (a ``ValueError``) ``k`` or ``iters`` not positive, unknown ``hessian`` or
+            ``mode``, no batches, a mask of the wrong shape, labels that do not fit the logits.
+        BadNameError: (a ``KeyError``) a name in ``param_names`` or ``masks`` that is not a
+            parameter of the model.
+        BadTypeError: (a ``TypeError``) ``model`` is not an ``nn.Module``; ``data`` is a bare
+            tensor or its batches are not ``(inputs, targets)`` pairs.
 
     Example:
         >>> import torch
@@ -362,26 +368,28 @@ def power_iteration(model: nn.Module, data: Iterable, *, k: int = 1, iters: int 
         >>> power_iteration(m, [(torch.randn(4, 2).double(), torch.tensor([0, 1, 1, 0]))], k=0)
         Traceback (most recent call last):
         ...
-        ValueError: k must be a positive integer (the number of eigenpairs), got 0
+        oba_fx.errors.BadInputError: k must be a positive integer (the number of eigenpairs), got 0
     """
     from .scoring import MODES, _scoring_mode
 
     if int(k) != k or k < 1:
-        raise ValueError(f"k must be a positive integer (the number of eigenpairs), got {k}")
+        raise BadInputError(f"k must be a positive integer (the number of eigenpairs), got {k}")
     if int(iters) != iters or iters < 1:
-        raise ValueError(f"iters must be a positive integer, got {iters}")
+        raise BadInputError(f"iters must be a positive integer, got {iters}")
     check_hessian(hessian)
     if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+        raise BadInputError(f"unknown mode {mode!r}; expected one of {MODES}")
+    check_model(model, "power_iteration", traced=False)
+    check_data(data, "power_iteration")
     names = list(param_names) if param_names is not None else trainable_param_names(model)
     all_params = dict(model.named_parameters())
     missing = [n for n in names if n not in all_params]
     if missing:
-        raise KeyError(f"param_names: not parameters of the model: {missing[:5]}")
+        raise BadNameError(f"param_names: not parameters of the model: {missing[:5]}")
     params = {n: all_params[n].detach() for n in names}
     masks_ = _check_masks(masks, params)
     device = next(iter(params.values())).device
-    batches = _batches(data, max_batches, device)
+    batches = _batches(data, max_batches, device, LabelCheck(model, enabled=loss_fn is None))
     gen = torch.Generator().manual_seed(seed)
     t0 = time.time()
     op = _BatchHessian(model, batches, names, loss_fn, hessian, masks_)

@@ -70,7 +70,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.autograd.forward_ad as fwAD
 from torch.func import functional_call, grad_and_value, jvp, vjp
-from oba_fx.errors import BadInputError
+from oba_fx.errors import BadInputError, BadNameError, BadTypeError
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def split_state(model: nn.Module, names: Sequence[str]) -> tuple[dict, dict, dic
     params = dict(model.named_parameters())
     missing = wanted - set(params)
     if missing:
-        raise KeyError(f"not parameters of the model: {sorted(missing)}")
+        raise BadNameError(f"not parameters of the model: {sorted(missing)}")
     scored = {n: params[n].detach() for n in names}
     frozen = {n: p.detach() for n, p in params.items() if n not in wanted}
     buffers = {n: b.detach() for n, b in model.named_buffers()}
@@ -163,7 +163,7 @@ def _model_call(model: nn.Module, frozen: Mapping[str, torch.Tensor], buffers: M
         bufs = {n: b.clone() for n, b in buffers.items()}  # train-mode BN updates only these copies
         out = functional_call(model, ({**frozen, **p}, bufs), (x,))
         if not isinstance(out, torch.Tensor):
-            raise TypeError(f"the model must return a logits tensor, got {type(out).__name__}")
+            raise BadTypeError(f"the model must return a logits tensor, got {type(out).__name__}")
         return out
     return call
 

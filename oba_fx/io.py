@@ -52,7 +52,9 @@ from typing import Any
 import torch
 import torch.fx
 import torch.nn as nn
-from oba_fx.errors import BadInputError
+from .files import check_writable
+from oba_fx.errors import (BadFileError, BadInputError, BadTypeError, MissingFileError, UnimportableError,
+                           one_line)
 
 __all__ = ["FORMAT", "VERSION", "load", "save"]
 
@@ -99,9 +101,11 @@ def save(gm: torch.fx.GraphModule, path: str | os.PathLike) -> Path:
         ``path`` as a :class:`~pathlib.Path`.
 
     Raises:
-        TypeError: ``gm`` is not a ``torch.fx.GraphModule``.
-        ValueError: ``gm`` uses a class or function defined inside a function (it could not be
-            loaded again); ``gm.meta`` cannot be pickled.
+        BadTypeError: (a ``TypeError``) ``gm`` is not a ``torch.fx.GraphModule``.
+        BadInputError: (a ``ValueError``) ``gm`` uses a class or function defined inside a
+            function (it could not be loaded again); ``gm.meta`` cannot be pickled.
+        MissingFileError: (a ``FileNotFoundError``) the folder of ``path`` does not exist.
+        BadFileError: (an ``OSError``) ``path`` cannot be written (checked before any work).
 
     Example:
         >>> import os, tempfile, torch
@@ -111,9 +115,11 @@ def save(gm: torch.fx.GraphModule, path: str | os.PathLike) -> Path:
         >>> load(p).meta
         {'note': {'ok': 1}}
     """
+    path = Path(path)
     if not isinstance(gm, torch.fx.GraphModule):
-        raise TypeError(f"save expects a torch.fx.GraphModule (e.g. from oba_fx.prune_graph), got "
+        raise BadTypeError(f"save expects a torch.fx.GraphModule (e.g. from oba_fx.prune_graph), got "
                         f"{type(gm).__name__}; for other modules use torch.save(model.state_dict(), path)")
+    check_writable(path, "save")
     bad = _unimportable(gm)
     if bad:
         raise BadInputError("cannot save a module that refers to classes or functions defined inside a function "
@@ -142,12 +148,11 @@ def save(gm: torch.fx.GraphModule, path: str | os.PathLike) -> Path:
         "training": gm.training,
         "masks": masks,
     }
-    path = Path(path)
     try:
         atomic_save(payload, path)
     except (pickle.PicklingError, AttributeError, TypeError) as exc:
         raise BadInputError(f"cannot save to {str(path)!r}: the module or gm.meta holds something that cannot be "
-                         f"pickled: {exc}") from exc
+                            f"pickled: {one_line(exc)}") from exc
     logger.info("saved GraphModule (%d parameters) to %s",
                 sum(p.numel() for p in gm.parameters()), path)
     return path
@@ -165,7 +170,7 @@ def _without_masks(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, dict
     plain, masks = unmasked_copy(gm)
     other = [n for n, m in plain.named_modules() if parametrize.is_parametrized(m)]
     if other:
-        raise ValueError(f"cannot save: modules {other[:4]} carry parametrizations other than oba_fx's weight masks; "
+        raise BadInputError(f"cannot save: modules {other[:4]} carry parametrizations other than oba_fx's weight masks; "
                          "remove them first (torch.nn.utils.parametrize.remove_parametrizations)")
     plain.meta = gm.meta
     return plain, masks
@@ -173,21 +178,43 @@ def _without_masks(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, dict
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file in the same folder, then rename: a reader never sees
-    a half-written file, and an interrupted save leaves the old one intact."""
+    a half-written file, and an interrupted save leaves the old one intact. A failure to write
+    names ``path`` (never the temporary file) and says why.
+
+    Example:
+        >>> atomic_save({"a": 1}, "/nonexistent/folder/m.pt")
+        Traceback (most recent call last):
+        ...
+        oba_fx.errors.MissingFileError: save: cannot write '/nonexistent/folder/m.pt': the folder \
+'/nonexistent/folder' does not exist; create it or pass a path in an existing folder
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        check_writable(path, "save")
+        raise BadFileError(f"save: cannot write {str(path)!r}: {exc.strerror or one_line(exc)}; pass a path in "
+                           "a writable folder") from exc
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        _discard(tmp)
+        raise BadFileError(f"save: cannot write {str(path)!r}: {exc.strerror or one_line(exc)} (is the disk "
+                           "full?); pass a path with room to write") from exc
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        _discard(tmp)
         raise
+
+
+def _discard(tmp: str) -> None:
+    try:
+        os.unlink(tmp)
+    except OSError:
+        pass
 
 
 def load(path: str | os.PathLike, *, map_location: Any = None) -> torch.fx.GraphModule:
@@ -204,30 +231,35 @@ def load(path: str | os.PathLike, *, map_location: Any = None) -> torch.fx.Graph
         The GraphModule, with ``meta`` (the report) and train/eval mode as saved.
 
     Raises:
-        FileNotFoundError: No file at ``path``.
-        OSError: The file cannot be read as a saved module (truncated, corrupt, not torch.save).
-        ImportError: The module refers to a class or function that cannot be imported here.
-        ValueError: The file holds something else (e.g. a state_dict) or a newer format version.
+        MissingFileError: (a ``FileNotFoundError``) no file at ``path``.
+        BadFileError: (an ``OSError``) ``path`` is a folder, or the file cannot be read as a saved
+            module (truncated, corrupt, not torch.save).
+        UnimportableError: (an ``ImportError``) the module refers to a class or function that
+            cannot be imported here.
+        BadInputError: (a ``ValueError``) the file holds something else (e.g. a state_dict) or a
+            newer format version.
 
     Example:
         >>> load("/nonexistent/model.pt")
         Traceback (most recent call last):
         ...
-        FileNotFoundError: no saved model at '/nonexistent/model.pt'
+        oba_fx.errors.MissingFileError: no saved model at '/nonexistent/model.pt'; pass a file written by \
+oba_fx.save (or oba-fx prune --out)
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"no saved model at {str(path)!r}")
+        raise MissingFileError(f"no saved model at {str(path)!r}; pass a file written by oba_fx.save "
+                               "(or oba-fx prune --out)")
     if not path.is_file():
-        raise IsADirectoryError(f"{str(path)!r} is a directory, not a saved model")
+        raise BadFileError(f"{str(path)!r} is a folder, not a saved model; pass the file written by oba_fx.save")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=False)
     except (ImportError, AttributeError) as exc:
-        raise ImportError(f"cannot load {str(path)!r}: it refers to a class or function that cannot be imported "
-                          f"here ({exc}); import or define it before loading") from exc
+        raise UnimportableError(f"cannot load {str(path)!r}: it refers to a class or function that cannot be "
+                                f"imported here ({one_line(exc)}); import or define it before loading") from exc
     except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, RuntimeError, ValueError, OSError) as exc:
-        raise OSError(f"cannot read {str(path)!r} as a saved model (truncated or corrupt, or not written by "
-                      f"oba_fx.io.save / torch.save): {type(exc).__name__}: {exc}") from exc
+        raise BadFileError(f"cannot read {str(path)!r} as a saved model (truncated or corrupt, or not written by "
+                           f"oba_fx.io.save / torch.save): {type(exc).__name__}: {one_line(exc)}") from exc
     if isinstance(obj, torch.fx.GraphModule):
         logger.warning("%s holds a bare GraphModule (plain torch.save): no report in gm.meta", path)
         return obj

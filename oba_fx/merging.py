@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 
 from .spaces import Coupling, Space
+from .errors import BadInputError
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ PARTNER_MODES = ("cyclic", "similar")
 
 def _check_fraction(fraction: float) -> float:
     if not 0.0 <= float(fraction) <= 1.0:
-        raise ValueError(f"merge fraction must be in [0, 1] (the share of a pruned value added to its partner), "
+        raise BadInputError(f"merge fraction must be in [0, 1] (the share of a pruned value added to its partner), "
                          f"got {fraction}")
     return float(fraction)
 
@@ -60,7 +61,7 @@ def cyclic_partners(pruned: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
         [0, 3, 0]
     """
     if kept.numel() == 0:
-        raise ValueError("no kept entry to merge into: a tensor was pruned completely")
+        raise BadInputError("no kept entry to merge into: a tensor was pruned completely")
     return kept[torch.arange(pruned.numel(), device=kept.device) % kept.numel()]
 
 
@@ -87,7 +88,7 @@ def merge_unstructured(weights: Mapping[str, torch.Tensor], keep: Mapping[str, t
             out[n] = w.clone()
             continue
         if tuple(k.shape) != tuple(w.shape):
-            raise ValueError(f"keep mask of {n!r} has shape {tuple(k.shape)}, the weight {tuple(w.shape)}")
+            raise BadInputError(f"keep mask of {n!r} has shape {tuple(k.shape)}, the weight {tuple(w.shape)}")
         flat = w.detach().reshape(-1).clone()
         kf = k.reshape(-1).bool()
         pruned, kept = torch.nonzero(~kf).squeeze(1), torch.nonzero(kf).squeeze(1)
@@ -186,7 +187,7 @@ def structured_partners(model: nn.Module, c: Coupling, removed: np.ndarray, mode
     consumer columns, in unit order.
     """
     if mode not in PARTNER_MODES:
-        raise ValueError(f"unknown partner mode {mode!r}; expected one of {PARTNER_MODES}")
+        raise BadInputError(f"unknown partner mode {mode!r}; expected one of {PARTNER_MODES}")
     spaces = consumer_spaces(model, c)
     has_cols = np.zeros(c.n_units, dtype=bool)
     for s in spaces:

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from .batches import bar, length, take, to_device
-from .checks import check_finite_scores, check_inputs_usable
+from .checks import LabelCheck, check_data, check_finite_scores, check_inputs_usable, check_model, split_batch
 from .criteria import criterion_names, get_criterion
 from .criteria.context import ScoreContext
 from .distributed import all_reduce_sum, is_main, shard, sum_number
@@ -99,8 +99,11 @@ def score(model: nn.Module, data: Iterable | None, *, example_inputs: Any = None
         cost of each index}``.
 
     Raises:
-        ValueError: unknown ``criterion`` (an :class:`oba_fx.criteria.UnknownCriterionError`),
-            ``hessian`` or ``mode``; no batches in ``data``.
+        BadInputError: (a ``ValueError``) unknown ``criterion`` (an
+            :class:`oba_fx.criteria.UnknownCriterionError`), ``hessian`` or ``mode``; no batches in
+            ``data``; labels that do not fit the logits; a model on the meta device.
+        BadTypeError: (a ``TypeError``) ``model`` is not an ``nn.Module``; ``data`` is a bare tensor
+            or its batches are not ``(inputs, targets)`` pairs.
 
     Example:
         >>> m = torch.nn.Linear(2, 1)
@@ -114,6 +117,8 @@ oba, taylor, obd_fisher, obd_hutchinson, obs, camp (or register your own with ob
     check_hessian(hessian)
     if mode not in MODES:
         raise BadInputError(f"unknown mode {mode!r}; expected one of {MODES}")
+    check_model(model, "score", traced=False)
+    check_data(data, "score")
     ctx = ScoreContext.for_model(model, loss_fn=loss_fn, hessian=hessian, first_order=first_order, probes=probes,
                                  seed=seed, example_inputs=example_inputs)
     fn = crit.resolve()
@@ -126,13 +131,15 @@ oba, taylor, obd_fisher, obd_hutchinson, obs, camp (or register your own with ob
     device = next(iter(ctx.params.values())).device if ctx.params else torch.device("cpu")
     log.info("scoring %d parameter tensors with %r (hessian=%s, mode=%s)", len(ctx.names), criterion, hessian, mode)
     seen = [0]
+    labels = LabelCheck(model, enabled=loss_fn is None)  # the default cross-entropy needs class indices
 
     def batches(sharded: bool) -> Iterator[tuple[Any, Any]]:
         items = enumerate(take(data, max_batches))
         for i, batch in bar(shard(items) if sharded else items, progress and is_main(), f"score[{criterion}]",
                             length(data, max_batches)):
-            x, y = to_device(batch[0], device), to_device(batch[1], device)
+            x, y = (to_device(t, device) for t in split_batch(batch, f"calibration batch {i}"))
             check_inputs_usable(x, f"calibration batch {i}")
+            labels(x, y, f"calibration batch {i}")
             seen[0] += 1
             yield x, y
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import linecache
 import os
+import sys
 import traceback
 from typing import Any, Iterable, Sequence
 
@@ -21,8 +23,8 @@ import torch.fx
 import torch.nn as nn
 
 from . import attention
-from .errors import TraceError
-from oba_fx.errors import BadInputError
+from .checks import check_model
+from .errors import BadInputError, TraceError
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
@@ -68,11 +70,11 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[type | str] = (),
     dropped from the graph.
 
     Raises:
+        BadTypeError: ``model`` is not an ``nn.Module``, or is a TorchScript module.
         TraceError: naming the module being traced and the user's source line, with the ways
             out (leaf modules, ``concrete_args``).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"prune_graph expects a torch.nn.Module, got {type(model).__name__}")
+    check_model(model, "torch.fx tracing", finite=False)
     root = copy.deepcopy(model)
     if isinstance(root, torch.fx.GraphModule):
         gm = torch.fx.GraphModule(root, copy.deepcopy(root.graph))
@@ -146,6 +148,22 @@ def root_cause(e: BaseException) -> BaseException:
     return e
 
 
+@contextlib.contextmanager
+def held_stderr():
+    """Hold back what the block writes to ``sys.stderr``: written out when it succeeds, dropped
+    when it raises. torch's ``ShapeProp`` prints the traceback of a failing node before raising;
+    the error raised in its place already says what failed, so the traceback is only noise.
+
+    Example:
+        >>> with held_stderr():
+        ...     print("kept", file=sys.stderr)
+    """
+    held = io.StringIO()
+    with contextlib.redirect_stderr(held):
+        yield
+    sys.stderr.write(held.getvalue())
+
+
 def propagate_shapes(gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> None:
     """``tensor_meta`` on every node: with fake tensors (no real compute) when every op
     supports them, else with the real inputs. Eval mode, no autograd, no state changes."""
@@ -156,9 +174,11 @@ def propagate_shapes(gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> None:
         try:
             mode = FakeTensorMode(allow_non_fake_inputs=True)
             fake = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs]
-            ShapeProp(gm, fake_mode=mode).propagate(*fake)
+            with held_stderr():
+                ShapeProp(gm, fake_mode=mode).propagate(*fake)
             return
         except Exception:  # an op without a fake kernel, data-dependent shapes...: run for real
             for n in gm.graph.nodes:
                 n.meta.pop("tensor_meta", None)
-        ShapeProp(gm).propagate(*inputs)
+        with held_stderr():
+            ShapeProp(gm).propagate(*inputs)

@@ -65,6 +65,8 @@ from .criteria.camp import WEIGHTINGS, camp_importance, curvature_share
 from .merging import merge_unstructured
 from .hessian_eigen import PowerIterationResult, power_iteration
 from .tracing import trace
+from .checks import check_data, check_model
+from .errors import BadInputError, BadNameError
 
 log = logging.getLogger(__name__)
 
@@ -120,14 +122,14 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Modul
     params = dict(model.named_parameters())
     for name, mask in masks.items():
         if name not in params:
-            raise KeyError(f"mask for {name!r}, which is not a parameter of the model (e.g. {list(params)[:4]})")
+            raise BadNameError(f"mask for {name!r}, which is not a parameter of the model (e.g. {list(params)[:4]})")
         p = params[name]
         if tuple(mask.shape) != tuple(p.shape):
-            raise ValueError(f"mask for {name!r} has shape {tuple(mask.shape)}, the parameter {tuple(p.shape)}")
+            raise BadInputError(f"mask for {name!r} has shape {tuple(mask.shape)}, the parameter {tuple(p.shape)}")
         mod_name, attr = _split(name)
         mod = model.get_submodule(mod_name)
         if parametrize.is_parametrized(mod, attr):
-            raise ValueError(f"{name!r} already has a parametrization; call make_masks_permanent(model) first")
+            raise BadInputError(f"{name!r} already has a parametrization; call make_masks_permanent(model) first")
         m = mask.to(device=p.device).bool()
         p.masked_fill_(~m, 0.0)
         parametrize.register_parametrization(mod, attr, WeightMask(m))
@@ -177,7 +179,7 @@ def make_masks_permanent(model: nn.Module) -> nn.Module:
 def _unparametrize(mod: nn.Module, attr: str) -> None:
     chain = mod.parametrizations[attr]
     if len(mod.parametrizations) != 1 or len(chain) != 1:
-        raise ValueError(f"{type(mod).__name__} carries parametrizations besides one WeightMask on {attr!r} "
+        raise BadInputError(f"{type(mod).__name__} carries parametrizations besides one WeightMask on {attr!r} "
                          f"({list(mod.parametrizations)}); remove them with torch.nn.utils.parametrize first")
     with torch.no_grad():
         value = getattr(mod, attr).detach().clone()
@@ -253,10 +255,10 @@ def adaptive_fractions(share: Mapping[str, float], sizes: Mapping[str, int], spa
         (True, 1.0)
     """
     if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+        raise BadInputError(f"sparsity must be in [0, 1), got {sparsity}")
     lo, hi = caps if caps is not None else (sparsity / 2, (1 + sparsity) / 2)
     if not 0.0 <= lo <= sparsity <= hi < 1.0:
-        raise ValueError(f"caps must satisfy 0 <= lo <= sparsity <= hi < 1, got caps={caps} for sparsity {sparsity}")
+        raise BadInputError(f"caps must satisfy 0 <= lo <= sparsity <= hi < 1, got caps={caps} for sparsity {sparsity}")
     names = list(sizes)
     n_all = sum(sizes.values())
     total_share = sum(max(share.get(n, 0.0), 0.0) for n in names)
@@ -353,16 +355,16 @@ def _importance(gm: nn.Module, data: list | None, criterion: str, names: list[st
 def _from_precomputed(pre: Any, gm: nn.Module, criterion: str, names: list[str], opts: Mapping[str, Any]):
     if isinstance(pre, PowerIterationResult):
         if criterion != "camp":
-            raise ValueError(f"precomputed power-iteration result given for criterion {criterion!r}; it serves 'camp'")
+            raise BadInputError(f"precomputed power-iteration result given for criterion {criterion!r}; it serves 'camp'")
         params = {n: p.detach() for n, p in gm.named_parameters()}
         imp = camp_importance(pre, params, weighting=opts["weighting"], times_theta=opts["times_theta"])
         share = curvature_share(pre, opts["weighting"])
         return {n: imp[n] for n in names}, {n: share[n] for n in names}, pre.report()
     if criterion == "camp":
-        raise ValueError("criterion 'camp' takes precomputed=<PowerIterationResult from oba_fx.power_iteration>")
+        raise BadInputError("criterion 'camp' takes precomputed=<PowerIterationResult from oba_fx.power_iteration>")
     missing = [n for n in names if n not in pre]
     if missing:
-        raise KeyError(f"precomputed scores lack {missing[:4]}")
+        raise BadNameError(f"precomputed scores lack {missing[:4]}")
     return {n: pre[n].abs() for n in names}, None, None
 
 
@@ -382,18 +384,18 @@ def _check(criterion: str, sparsity: float, scope: str, steps: int, weighting: s
     criterion = _ALIASES.get(criterion, criterion)
     get_criterion(criterion)
     if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1) (the fraction of weights removed), got {sparsity}")
+        raise BadInputError(f"sparsity must be in [0, 1) (the fraction of weights removed), got {sparsity}")
     if scope not in SCOPES:
-        raise ValueError(f"unknown scope {scope!r}; expected one of {SCOPES}")
+        raise BadInputError(f"unknown scope {scope!r}; expected one of {SCOPES}")
     if scope == "adaptive" and criterion != "camp":
-        raise ValueError("scope='adaptive' sets per-layer fractions from the Hessian eigenvectors: it needs "
+        raise BadInputError("scope='adaptive' sets per-layer fractions from the Hessian eigenvectors: it needs "
                          f"criterion='camp' (got {criterion!r}); use scope='global' or 'layer'")
     if int(steps) != steps or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps}")
+        raise BadInputError(f"steps must be a positive integer, got {steps}")
     if weighting not in WEIGHTINGS:
-        raise ValueError(f"unknown weighting {weighting!r}; expected one of {WEIGHTINGS}")
+        raise BadInputError(f"unknown weighting {weighting!r}; expected one of {WEIGHTINGS}")
     if not 0.0 <= merge_fraction <= 1.0:
-        raise ValueError(f"merge_fraction must be in [0, 1], got {merge_fraction}")
+        raise BadInputError(f"merge_fraction must be in [0, 1], got {merge_fraction}")
     return criterion
 
 
@@ -439,14 +441,20 @@ def prune_unstructured(model: nn.Module, data: Iterable | None, *, criterion: st
         holds the report (``layers``, ``total``, settings, power-iteration reports, seconds).
 
     Raises:
-        ValueError: bad ``sparsity``, ``scope``, ``steps``, ``weighting``; a data-driven
-            criterion without data. oba_fx.criteria.UnknownCriterionError: unknown criterion.
+        BadInputError: (a ``ValueError``) bad ``sparsity``, ``scope``, ``steps``, ``weighting``; a
+            data-driven criterion without data; labels that do not fit the logits; a model on the
+            meta device or with non-finite weights. oba_fx.criteria.UnknownCriterionError:
+            unknown criterion.
+        BadTypeError: (a ``TypeError``) ``model`` is not an ``nn.Module`` or is TorchScript;
+            ``data`` is a bare tensor.
     """
     criterion = _check(criterion, sparsity, scope, steps, weighting, merge_fraction)
     crit = get_criterion(criterion)
+    check_model(model, "prune_unstructured")
+    check_data(data, "prune_unstructured")
     batches = list(take(data, max_batches)) if data is not None else None
     if crit.needs_data and not batches and (precomputed is None or steps > 1):
-        raise ValueError(f"criterion {criterion!r} needs calibration data: pass data=<iterable of (inputs, targets)>")
+        raise BadInputError(f"criterion {criterion!r} needs calibration data: pass data=<iterable of (inputs, targets)>")
     t0 = time.time()
     gm = trace(model)
     gm.train(model.training)

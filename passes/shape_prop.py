@@ -8,7 +8,7 @@ import torch.fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from oba_fx.tracing import propagate_shapes, root_cause
-from oba_fx.errors import BadInputError
+from oba_fx.errors import BadInputError, one_line
 
 
 class ShapePropPass(PassBase):
@@ -38,7 +38,7 @@ class ShapePropPass(PassBase):
             where = next((n for n in gm.graph.nodes if n.op != "placeholder" and "tensor_meta" not in n.meta), None)
             raise BadInputError(
                 f"the example inputs (shapes {shapes}) do not fit the model: at node {getattr(where, 'name', '?')!r} "
-                f"({getattr(where, 'target', '?')}): {type(cause).__name__}: {cause}. "
+                f"({getattr(where, 'target', '?')}): {type(cause).__name__}: {one_line(cause)}. "
                 "Pass example_inputs the model's forward() accepts, e.g. torch.randn(1, 3, 224, 224) "
                 "for an ImageNet CNN") from e
         return PassResult(gm, False)

@@ -146,7 +146,7 @@ def test_the_command_line_refuses_an_unknown_criterion_fast_listing_the_valid_on
     r = subprocess.run([sys.executable, "-m", "oba_fx.cli", "prune", "--criterion", "foo"], capture_output=True,
                        text=True)
     elapsed = time.perf_counter() - t0
-    assert r.returncode != 0 and "invalid choice: 'foo'" in r.stderr
+    assert r.returncode != 0 and "unknown criterion 'foo'" in r.stderr and "Traceback" not in r.stderr
     assert all(n in r.stderr for n in criterion_names())
     assert "torch" not in subprocess.run(
         [sys.executable, "-c", "import sys, oba_fx.cli; print(' '.join(sys.modules))"],

@@ -43,6 +43,7 @@ import torch
 
 from ..hessian_eigen import PowerIterationResult, power_iteration
 from .context import ScoreContext
+from ..errors import BadInputError
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ WEIGHTINGS = ("lambda", "uniform")
 
 def _weights(result: PowerIterationResult, weighting: str) -> list[float]:
     if weighting not in WEIGHTINGS:
-        raise ValueError(f"unknown weighting {weighting!r}; expected one of {WEIGHTINGS}")
+        raise BadInputError(f"unknown weighting {weighting!r}; expected one of {WEIGHTINGS}")
     lams = [abs(x) for x in result.eigenvalues]
     total = sum(lams)
     if weighting == "uniform" or total == 0.0:
@@ -77,7 +78,7 @@ def camp_importance(result: PowerIterationResult, params: Mapping[str, torch.Ten
         [0.75, 0.25]
     """
     if times_theta and params is None:
-        raise ValueError("times_theta=True needs params={name: θ}")
+        raise BadInputError("times_theta=True needs params={name: θ}")
     w = _weights(result, weighting)
     out = {}
     for n in result.param_names:

@@ -30,7 +30,6 @@ import logging
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -46,7 +45,9 @@ from .cifar_resnet import (
 )
 from .vit_cifar import ViTCifar, load_vit_cifar, vit_cifar
 from .wide import VGGCifar, vgg19_bn_cifar, wide_resnet32
+from .checkpoints import read_checkpoint
 from oba_fx.errors import BadInputError
+from oba_fx.files import check_checkpoint_file
 
 __all__ = [
     "BasicBlock",
@@ -139,8 +140,8 @@ def get_model(name: str, num_classes: int = 10, weights: str | os.PathLike | Non
         def builder(num_classes: int) -> nn.Module:
             return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
 
-    if weights is not None and not Path(weights).is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {os.fspath(weights)!r}")
+    if weights is not None:
+        check_checkpoint_file(weights)
     model = builder(num_classes=num_classes)
     if weights is not None:
         load_checkpoint(model, weights)
@@ -157,6 +158,17 @@ def _extract_state_dict(obj: object, path: str) -> Mapping[str, torch.Tensor]:
         if isinstance(inner, Mapping):
             return inner
     return obj
+
+
+def _mismatch(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> str:
+    """How a state_dict differs from ``model``'s, in one line: counts with an example of each."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]  # BatchNorm allows these
+    unexpected = [k for k in sd if k not in own]
+    shapes = [k for k in own if k in sd and hasattr(sd[k], "shape") and tuple(sd[k].shape) != tuple(own[k].shape)]
+    parts = [f"{len(ks)} {what} (e.g. {ks[0]!r})" for what, ks in
+             (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if ks]
+    return ", ".join(parts) or "load_state_dict refused it"
 
 
 def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.Module:
@@ -176,9 +188,10 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = Tr
         ``model``.
 
     Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ValueError: The file is not a readable torch checkpoint or holds no state_dict.
-        RuntimeError: Keys or shapes do not match the model (from ``load_state_dict``).
+        MissingFileError: (a ``FileNotFoundError``) ``path`` does not exist.
+        BadFileError: (an ``OSError``) the file is not a readable torch checkpoint.
+        BadInputError: (a ``ValueError``) it holds no state_dict, or keys or shapes do not match
+            the model.
 
     Example:
         >>> import tempfile, os, torch
@@ -189,15 +202,14 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = Tr
         64
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file not found: {path!r}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle / zip errors differ by torch version
-        raise BadInputError(f"could not read checkpoint {path!r}: {exc}") from exc
+    obj = read_checkpoint(path)
     sd = _extract_state_dict(obj, path)
     sd = OrderedDict((k.removeprefix("module."), v) for k, v in sd.items())
-    result = model.load_state_dict(sd, strict=strict)
+    try:
+        result = model.load_state_dict(sd, strict=strict)
+    except RuntimeError as exc:
+        raise BadInputError(f"checkpoint {path!r} does not fit {type(model).__name__}: {_mismatch(model, sd)}; "
+                            "pass the checkpoint of this architecture, or the model it was saved from") from exc
     if not strict and (result.missing_keys or result.unexpected_keys):
         logger.warning(
             "loaded %s non-strictly: %d missing keys, %d unexpected keys",

@@ -239,8 +239,9 @@ def load_vit_cifar(path: str | os.PathLike) -> ViTCifar:
         The model in eval mode, on the CPU.
 
     Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ValueError: The file holds no state_dict, or names another model.
+        MissingFileError: (a ``FileNotFoundError``) ``path`` does not exist.
+        BadFileError: (an ``OSError``) the file is not a readable torch checkpoint.
+        BadInputError: (a ``ValueError``) the file holds no state_dict, or names another model.
         RuntimeError: Keys or shapes do not match (from ``load_state_dict``).
 
     Example:
@@ -251,10 +252,10 @@ def load_vit_cifar(path: str | os.PathLike) -> ViTCifar:
         >>> load_vit_cifar(f).blocks[0].mlp.fc1.out_features
         32
     """
+    from .checkpoints import read_checkpoint
+
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file not found: {path!r}")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = read_checkpoint(path)
     if not isinstance(obj, Mapping):
         raise BadInputError(f"checkpoint {path!r} holds a {type(obj).__name__}, not a dict")
     name = obj.get("model", "vit_cifar")
