@@ -20,7 +20,6 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 aten = torch.ops.aten
 
@@ -165,4 +164,4 @@ def call_method(name: str) -> Callable:
 
 
 __all__ = ["per_channel", "channel_sum", "add", "conv_input_grad", "conv_weight_grad", "linear_weight_grad",
-           "linear_bias_grad", "unbroadcast", "normalised", "relu_mask", "pullback", "loss_head", "F"]
+           "linear_bias_grad", "unbroadcast", "normalised", "relu_mask", "pullback", "loss_head"]
