@@ -27,7 +27,14 @@ Models: a small CNN (defined here), the thin CIFAR ResNet-56 and VGG19-BN (from
 ``oba_fx.models.get_model`` when available), and a small ViT for 32x32 inputs (defined here:
 patch 4, width 192, depth 6, 3 heads, MLP 384; attention written out with ``softmax``).
 
+``--all-in``: the cost of ``oba_fx.score(criterion="oba")`` everything included (the program
+cache emptied first, so analysis, program generation and every batch are counted) over
+``--batches`` calibration batches of 64 with a batch-1 ``example_inputs``, next to the per-batch
+cost of the program, both as multiples of that many plain gradients timed in the same run
+(gradient and scoring interleaved, ``--runs`` repetitions; median and range).
+
 Usage:
+    python benchmarks/hvp_cost.py --all-in --models resnet56 --batches 16 --runs 3
     python benchmarks/hvp_cost.py                        # all models, 5 runs
     python benchmarks/hvp_cost.py --models small_cnn vit_small --runs 3 --no-memory
 """
@@ -242,12 +249,66 @@ def peak_memory(model_name: str, method: str) -> float | None:
     return None
 
 
+def all_in(model_name: str, n_batches: int, runs: int) -> dict:
+    """All-in ``score(criterion="oba")`` vs ``n_batches`` gradients, interleaved, ``runs`` times."""
+    import oba_fx
+    from oba_fx import hvp_cache
+
+    model, _, _ = setup(model_name)
+    gen = torch.Generator().manual_seed(1)
+    data = [(torch.randn(BATCH, 3, 32, 32, generator=gen), torch.randint(0, 10, (BATCH,), generator=gen))
+            for _ in range(n_batches)]
+    names = [n for n, _ in model.named_parameters()]
+
+    def grads() -> None:
+        for x, y in data:
+            leaves = [p.detach().requires_grad_() for p in model.parameters()]
+            out = functional_call(model, (dict(zip(names, leaves)), dict(model.named_buffers())), (x,))
+            torch.autograd.grad(F.cross_entropy(out, y), leaves)
+
+    rows = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        grads()
+        t_grad = time.perf_counter() - t0
+        hvp_cache.clear()
+        t0 = time.perf_counter()
+        oba_fx.score(model, data, example_inputs=(data[0][0][:1],), criterion="oba", progress=False)
+        t_score = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        prog = hvp_cache.program_for(model, *data[0], names=names, hessian="functional", loss_fn=None,
+                                     with_grad=False)
+        t_lookup = time.perf_counter() - t0
+        hvp_cache.clear()
+        t0 = time.perf_counter()
+        prog = hvp_cache.program_for(model, *data[0], names=names, hessian="functional", loss_fn=None,
+                                     with_grad=False)
+        t_gen = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        prog(model, *data[0])
+        t_batch = time.perf_counter() - t0
+        g1 = t_grad / n_batches
+        rows.append({"grad_s": g1, "score_all_in_s": t_score, "all_in_x": t_score / t_grad,
+                     "generation_s": t_gen, "generation_x_grad": t_gen / g1, "cache_lookup_s": t_lookup,
+                     "program_batch_x_grad": t_batch / g1, "generator": prog.stats.get("generator", "make_fx")})
+        print("  " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in rows[-1].items()),
+              flush=True)
+    summary = {}
+    for k in ("all_in_x", "generation_x_grad", "program_batch_x_grad", "grad_s", "generation_s"):
+        vals = [r[k] for r in rows]
+        summary[k] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
+        print(f"  {k}: median {summary[k]['median']:.3f} (range {min(vals):.3f}-{max(vals):.3f})")
+    return {"runs": rows, "summary": summary, "batches": n_batches}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     ap.add_argument("--runs", type=int, default=5, help="timed runs per method (median reported)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocesses")
     ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--all-in", action="store_true", help="all-in score(criterion='oba') vs gradients (see above)")
+    ap.add_argument("--batches", type=int, default=16, help="calibration batches for --all-in")
     ap.add_argument("--worker", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -255,6 +316,16 @@ def main(argv: list[str] | None = None) -> None:
         worker(*args.worker)
         return
     torch.set_num_threads(THREADS)
+    if args.all_in:
+        results = {}
+        for name in args.models:
+            print(f"{name}: all-in score(criterion='oba'), {args.batches} batches of {BATCH}, batch-1 example, "
+                  f"{THREADS} threads, {args.runs} runs (gradients timed in the same run)", flush=True)
+            results[name] = all_in(name, args.batches, args.runs)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH}, CPU, eval mode; "
           f"time = median of {args.runs} (interleaved), memory = peak-RSS increase of a steady-state "
           f"call in a fresh process (VmHWM reset)")

@@ -45,7 +45,8 @@ def _signature(x: Any, y: Any) -> tuple:
     return sig(x), sig(y)
 
 
-def _training_flags(model: nn.Module) -> tuple[bool, ...]:
+def training_flags(model: nn.Module) -> tuple[bool, ...]:
+    """Every module's ``training`` flag, in ``model.modules()`` order."""
     return tuple(m.training for m in model.modules())
 
 
@@ -65,7 +66,8 @@ class HVPProgram:
         buffer_names: order of the buffers.
         hessian: ``"functional"`` or ``"full"``.
         with_grad: whether gradients are outputs.
-        signature: shapes / dtypes of ``(x, y)`` it was traced for.
+        signature: shapes / dtypes of ``(x, y)`` it was traced for (``None``: any batch, the
+            directly generated program of :mod:`oba_fx.hvp_direct`).
         training: the modules' ``training`` flags at trace time.
         loss_fn: the loss it was generated for.
         stats: node and op counts before and after simplification.
@@ -84,7 +86,7 @@ class HVPProgram:
 
     def matches(self, model: nn.Module, x: Any, y: Any) -> bool:
         """Whether this program applies to ``model`` in its current mode and this batch."""
-        return _signature(x, y) == self.signature and _training_flags(model) == self.training
+        return (self.signature is None or _signature(x, y) == self.signature) and training_flags(model) == self.training
 
     def inputs(self, model: nn.Module, x: Any, y: Any) -> list:
         """The flat input list for :attr:`graph_module`."""
@@ -163,7 +165,7 @@ def build_hvp_program(model: nn.Module, batch: tuple[Any, Any], *, param_names: 
     log.info("HVP program for %d parameters (%s): %d nodes traced, %d after simplification",
              k, hessian, stats["nodes_traced"], stats["nodes"])
     return HVPProgram(gm, names, frozen_names, buffer_names, hessian, with_grad, _signature(x, y),
-                      _training_flags(model), loss_fn, stats)
+                      training_flags(model), loss_fn, stats)
 
 
 def _name_placeholders(gm: torch.fx.GraphModule, names: Sequence[str]) -> None:

@@ -27,7 +27,8 @@ import torch.nn as nn
 from .. import meta as M
 from ..estimators import empirical_fisher_diagonal, gradient, hutchinson_diagonal
 from ..hvp import HVPResult, LossFn, default_loss_fn, fused_hvp
-from ..hvp_program import HVPProgram, build_hvp_program
+from ..hvp_cache import program_for
+from ..hvp_program import HVPProgram
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,8 @@ class ScoreContext:
         probes: Rademacher probes per batch (``"obd_hutchinson"``).
         seed: seeds ``generator`` and the ``"random"`` criterion.
         generator: a CPU generator for random probes.
-        example_inputs: inputs whose shape the generated HVP program is built for.
+        example_inputs: when given, models outside the direct generator's rules get the
+            ``make_fx`` program too (:mod:`oba_fx.hvp_cache`).
     """
 
     model: nn.Module
@@ -59,7 +61,6 @@ class ScoreContext:
     seed: int = 0
     generator: torch.Generator = field(default_factory=torch.Generator)
     example_inputs: Any = None
-    _programs: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def for_model(cls, model: nn.Module, **options: Any) -> "ScoreContext":
@@ -97,20 +98,15 @@ class ScoreContext:
                 and prog.loss_fn is self.loss_fn and prog.matches(self.model, x, y))
 
     def _program(self, x: Any, y: Any, with_grad: bool) -> HVPProgram | None:
-        """A generated program that fits this batch, or ``None`` (run eagerly)."""
+        """A generated program for this batch (:func:`oba_fx.hvp_cache.program_for`), or ``None``
+        (run eagerly). A program attached to a GraphModule by ``HVPCodegen`` comes first; the
+        ``make_fx`` program is generated only when ``example_inputs`` were given (for this batch's
+        shape, whatever theirs)."""
         meta = getattr(self.model, "meta", None)
         attached = meta.get(M.HVP_PROGRAM) if isinstance(meta, dict) else None
         if attached is not None and self._fits(attached, x, y, with_grad):
             return attached
-        ex = self.example_inputs
-        ex = ex[0] if isinstance(ex, (tuple, list)) else ex
-        if not isinstance(x, torch.Tensor) or not isinstance(ex, torch.Tensor) or tuple(ex.shape) != tuple(x.shape):
+        if not isinstance(x, torch.Tensor):
             return None
-        key = (tuple(x.shape), tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__)
-        prog = self._programs.get(key)
-        if prog is None or not self._fits(prog, x, y, with_grad):
-            log.info("generating the fused HVP program for input shape %s", tuple(x.shape))
-            prog = build_hvp_program(self.model, (x, y), param_names=self.names, loss_fn=self.loss_fn,
-                                     hessian=self.hessian, with_grad=with_grad)
-            self._programs[key] = prog
-        return prog
+        return program_for(self.model, x, y, names=self.names, hessian=self.hessian, loss_fn=self.loss_fn,
+                           with_grad=with_grad, make_fx_ok=self.example_inputs is not None)
