@@ -48,17 +48,16 @@ def evaluate(model: nn.Module, loader, max_batches: int | None = None, progress:
     device = module_device(model)
     was_training = model.training
     model.eval()
-    correct = total = 0
+    correct, total = torch.zeros((), dtype=torch.long, device=device), 0
     try:
         with torch.no_grad():
             for x, y in bar(take(loader, max_batches), progress, desc, total=length(loader, max_batches)):
-                x, y = to_device(x, device), y.to(device)
-                pred = model(x).argmax(dim=1)
-                correct += int((pred == y).sum())
-                total += int(y.numel())
+                x, y = to_device(x, device), y.to(device, non_blocking=True)
+                correct += (model(x).argmax(dim=1) == y).sum()  # stays on the device: no wait per batch
+                total += y.numel()
     finally:
         model.train(was_training)
-    acc = correct / total if total else 0.0
+    acc = int(correct) / total if total else 0.0
     logger.info("top-1 %.4f on %d images", acc, total)
     return acc
 
