@@ -155,3 +155,29 @@ def test_a_loader_used_as_given_resumes_mid_epoch_by_replaying_its_order(tmp_pat
     run(str(tmp_path / "cut"), stop_at=8 * 7 + 1)         # stopped in epoch 2, step 4; saved after its step 2
     assert torch.load(tmp_path / "cut" / CHECKPOINT_NAME, weights_only=True)["step"] == 2
     assert _same_weights(run(str(tmp_path / "cut")), whole)
+
+
+def test_cli_refuses_a_batch_that_the_ranks_cannot_share_before_any_work(capsys, monkeypatch):
+    from oba_fx.cli import main
+
+    monkeypatch.setattr("oba_fx.cli._ranks", lambda device="auto": __import__("contextlib").nullcontext())
+    monkeypatch.setenv("WORLD_SIZE", "3")   # as torchrun would set it (the group itself is not joined here)
+    code = main(["prune", "--finetune-epochs", "1", "--batch-size", "64", "--data", "/nonexistent"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--batch-size 64" in err and "3 ranks" in err and "--batch-size 63" in err
+
+
+def test_cli_checkpoint_every_must_be_positive(capsys):
+    from oba_fx.cli import main
+
+    code = main(["prune", "--finetune-epochs", "1", "--checkpoint-every", "0", "--data", "/nonexistent"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--checkpoint-every" in err and "nonexistent" not in err
+
+
+def test_sharded_loader_refuses_a_batch_the_ranks_cannot_share():
+    from oba_fx.errors import BadInputError
+    from oba_fx.finetune_ddp import sharded_loader
+
+    with pytest.raises(BadInputError, match=r"batch size 6 .* multiple of the 4 ranks; use e.g. batch_size=4"):
+        sharded_loader(DataLoader(_Recorded(), batch_size=6), world_size=4, rank_=0)
