@@ -16,6 +16,7 @@ import torch.nn as nn
 
 import oba_fx
 import oba_fx.distributed
+from oba_fx.evaluate import evaluate
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or sys.platform == "win32", reason="needs torch.distributed")
 
@@ -41,7 +42,8 @@ def _run(data):
                                compensate=False)
     return {"scores": {k: v.detach() for k, v in scores.items()}, "kept": comp.meta["oba"]["kept"],
             "comp_out": comp(x).detach(), "comp_w": comp.get_submodule("3").weight.detach().clone(),
-            "bn": recal.get_submodule("1").running_var.detach().clone(), "recal_out": recal(x).detach()}
+            "bn": recal.get_submodule("1").running_var.detach().clone(), "recal_out": recal(x).detach(),
+            "accuracy": evaluate(comp, data + data[:1])}  # 5 batches: 3 on rank 0, 2 on rank 1
 
 
 def _eigen(data):
@@ -96,6 +98,7 @@ def test_two_processes_decide_what_one_process_decides(two_ranks):
         assert all(_close(got["scores"][k], single["scores"][k]) for k in single["scores"])
         assert _close(got["comp_w"], single["comp_w"]) and _close(got["comp_out"], single["comp_out"])
         assert _close(got["bn"], single["bn"]) and _close(got["recal_out"], single["recal_out"])
+        assert got["accuracy"] == single["accuracy"]
 
 
 def test_two_processes_find_the_eigenpairs_one_process_finds(two_ranks):
