@@ -44,8 +44,22 @@ weights of an uninterrupted one when
   pass ``milestones`` explicitly when extending. If the hyperparameters differ from the
   checkpoint's, the current ones are used from the next epoch on and a warning is logged.
 
-The checkpoint holds only tensors and plain Python values, so it loads with
-``torch.load(..., weights_only=True)``.
+Mid-epoch checkpoints: with ``checkpoint_every=k`` ``last.pt`` is also written after every ``k``
+optimizer steps, so an interrupt loses at most ``k - 1`` steps of work; the resumed run redoes them
+and no update is applied twice ("nothing lost, nothing repeated": the surviving updates use every
+sample exactly once per epoch, in the batches of an uninterrupted run).
+
+Data parallel (``torchrun``, or any initialised process group with more than one rank): the model
+is wrapped in :class:`~torch.nn.parallel.DistributedDataParallel`, the loader's dataset is read
+through a :class:`~oba_fx.finetune_ddp.ShardSampler` (a ``DistributedSampler``; ``set_epoch`` every
+epoch) and its ``batch_size`` is the *global* batch, split evenly over the ranks, so that training
+does not depend on the number of ranks. Rank 0 alone writes checkpoints (and reads them: the others
+receive them), and a checkpoint written on any number of ranks resumes on any other (pass
+``shard=True`` on one process to write such checkpoints; the CLI always does). See
+:mod:`oba_fx.finetune_ddp` for the order and what is exact.
+
+The checkpoint (:mod:`oba_fx.checkpoint`) holds only tensors and plain Python values, so it loads
+with ``torch.load(..., weights_only=True)``.
 
 Example:
     >>> import tempfile, torch
