@@ -181,3 +181,30 @@ def test_sharded_loader_refuses_a_batch_the_ranks_cannot_share():
 
     with pytest.raises(BadInputError, match=r"batch size 6 .* multiple of the 4 ranks; use e.g. batch_size=4"):
         sharded_loader(DataLoader(_Recorded(), batch_size=6), world_size=4, rank_=0)
+
+
+def _cut(ckpt: str, batch_size: int = GLOBAL_BATCH, shard: bool | None = None) -> None:
+    """A 1-process run stopped in epoch 1, step 4 (last checkpoint after step 2)."""
+    try:
+        finetune(_model(), DataLoader(_Recorded(batch_size * 3 + 1), batch_size=batch_size, shuffle=True), epochs=1,
+                 lr=0.1, checkpoint_dir=ckpt, checkpoint_every=EVERY, shard=shard, progress=False)
+    except _Interrupt:
+        pass
+
+
+def test_a_mid_epoch_checkpoint_of_a_loader_used_as_given_refuses_to_resume_sharded(tmp_path):
+    from oba_fx.errors import BadInputError
+
+    _cut(str(tmp_path))
+    with pytest.raises(BadInputError, match=r"middle of epoch 1 by a run that did not shard .* shard=False"):
+        finetune(_model(), DataLoader(_Recorded(), batch_size=GLOBAL_BATCH), epochs=1, checkpoint_dir=str(tmp_path),
+                 shard=True, progress=False)
+
+
+def test_a_sharded_mid_epoch_checkpoint_refuses_another_global_batch(tmp_path):
+    from oba_fx.errors import BadInputError
+
+    _cut(str(tmp_path), shard=True)
+    with pytest.raises(BadInputError, match=r"same batch size \(the global batch\)"):
+        finetune(_model(), DataLoader(_Recorded(), batch_size=4), epochs=1, checkpoint_dir=str(tmp_path),
+                 progress=False)
