@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import os
 import random
 from pathlib import Path
 from typing import Any, Mapping
@@ -33,9 +34,10 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from .distributed import broadcast_object, is_main
 from .errors import BadInputError
 
-__all__ = ["CHECKPOINT_NAME", "FORMAT", "VERSION", "load_checkpoint", "loader_generators", "rng_state",
+__all__ = ["CHECKPOINT_NAME", "FORMAT", "VERSION", "load_checkpoint", "loader_generators", "read_checkpoint", "rng_state",
            "scheduler_state", "set_rng_state"]
 
 logger = logging.getLogger(__name__)
@@ -119,3 +121,25 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise BadInputError(f"{str(path)!r} has checkpoint version {ckpt.get('version')}; this oba_fx reads "
                          f"version {VERSION} or older")
     return ckpt
+
+
+def read_checkpoint(checkpoint_dir: str | os.PathLike | None, resume: bool) -> tuple[Path | None, dict | None]:
+    """The checkpoint path (``None`` without a folder) and, to resume, its contents. Rank 0 reads the file
+    and sends it to every rank (the folder need only be visible to rank 0); an error is raised on all."""
+    if checkpoint_dir is None:
+        return None, None
+    path = Path(checkpoint_dir).expanduser() / CHECKPOINT_NAME
+    found, error = None, None
+    if is_main():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists() and resume:
+            try:
+                found = load_checkpoint(path)
+            except (OSError, ValueError) as exc:
+                error = exc
+        elif path.exists():
+            logger.warning("resume=False: starting afresh; %s will be overwritten", path)
+    found, error = broadcast_object((found, error))
+    if error is not None:
+        raise error
+    return path, found

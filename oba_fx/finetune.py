@@ -93,11 +93,11 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .batches import module_device, to_device
-from .checkpoint import CHECKPOINT_NAME, FORMAT, VERSION, load_checkpoint, rng_state, scheduler_state, set_rng_state
-from .distributed import active, broadcast_object, is_main, world
+from .batches import length, module_device, to_device
+from .checkpoint import CHECKPOINT_NAME, FORMAT, VERSION, read_checkpoint, rng_state, scheduler_state, set_rng_state
+from .distributed import is_main, world
 from .evaluate import evaluate
-from .finetune_ddp import data_parallel, reduce_sums, sharded_loader
+from .finetune_ddp import EpochData, data_parallel, reduce_sums, use_shards
 from .io import atomic_save
 from oba_fx.errors import BadInputError
 
@@ -484,7 +484,7 @@ def _run_batches(model, loader, optimizer, loss_fn, teacher, distill, mask_list,
     tally, t0, checked = _Tally(), time.perf_counter(), 1
     # The bar is fed by hand: handed the loader, tqdm.auto's class calls iter() on it at once, which starts a
     # DataLoader's worker processes and draws from its generator for an iterator that is thrown away.
-    bar = tqdm(desc=desc, disable=not progress, leave=False, total=_len_or_none(loader, max_batches))
+    bar = tqdm(desc=desc, disable=not progress, leave=False, total=length(loader, max_batches))
     try:
         for batch in itertools.islice(loader, max_batches):  # no batch beyond max_batches is drawn
             x, y = to_device(batch[0], dev), to_device(batch[1], dev)
@@ -536,84 +536,13 @@ def _checked_milestones(epochs: int, milestones: list[int] | None) -> list[int]:
     return milestones
 
 
-def _read_checkpoint(checkpoint_dir: str | os.PathLike | None, resume: bool) -> tuple[Path | None, dict | None]:
-    """The checkpoint path (``None`` without a folder) and, to resume, its contents. Rank 0 reads the file
-    and sends it to every rank (the folder need only be visible to rank 0); an error is raised on all."""
-    if checkpoint_dir is None:
-        return None, None
-    path = Path(checkpoint_dir).expanduser() / CHECKPOINT_NAME
-    found, error = None, None
-    if is_main():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists() and resume:
-            try:
-                found = load_checkpoint(path)
-            except (OSError, ValueError) as exc:
-                error = exc
-        elif path.exists():
-            logger.warning("resume=False: starting afresh; %s will be overwritten", path)
-    found, error = broadcast_object((found, error))
-    if error is not None:
-        raise error
-    return path, found
-
-
-def _use_shards(shard: bool | None, ckpt: Mapping[str, Any] | None, path: Path | None) -> bool:
-    """Whether the run reads the data through a :class:`~oba_fx.finetune_ddp.ShardSampler`."""
-    was = ckpt is not None and ckpt.get("sampler") is not None
-    use = (active() or was) if shard is None else bool(shard)
-    if ckpt is not None and ckpt.get("step", 0) and use != was:
-        raise BadInputError(
-            f"{str(path)!r} was written in the middle of epoch {int(ckpt['epoch']) + 1} by a run that "
-            f"{'sharded' if was else 'did not shard'} its data; the rest of that epoch can only be read the same "
-            f"way: resume with shard={was} (a run that did not shard resumes on one process)")
-    return use
-
-
-class _Data:
-    """The training batches of each epoch: the loader as given, or this rank's share of every global
-    batch (:func:`~oba_fx.finetune_ddp.sharded_loader`), from any step of the epoch."""
-
-    def __init__(self, loader: Iterable, shard: bool, seed: int) -> None:
-        self.loader, self.settings = sharded_loader(loader, seed) if shard else (loader, None)
-
-    def epoch(self, epoch0: int, step0: int, epoch_rng: Mapping[str, Any] | None) -> Iterable:
-        """Epoch ``epoch0``'s batches after its first ``step0`` steps."""
-        sampler = getattr(self.loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch0)
-        if step0 == 0:
-            return self.loader
-        if self.settings is not None:
-            sampler.start = step0 * self.settings["global_batch"]
-            return self.loader
-        return _replay(self.loader, step0, epoch_rng, rng_state(self.loader))
-
-    def steps(self, step0: int) -> int | None:
-        """Steps in the whole epoch when the loader has a length (``step0`` of them already done)."""
-        n = _len_or_none(self.loader, None)
-        return None if n is None else step0 + n
-
-
-def _replay(loader: Iterable, skip: int, epoch_rng: Mapping[str, Any], now: Mapping[str, Any]) -> Iterable:
-    """A loader used as given, resumed after ``skip`` batches: its order (and augmentation) is redrawn
-    from the random states at the epoch's start, the first ``skip`` batches are drawn and dropped, then
-    the states of the checkpoint are restored."""
-    set_rng_state(epoch_rng, loader, "mid-epoch resume")
-    it = iter(loader)
-    for _ in range(skip):
-        next(it, None)
-    set_rng_state(now, loader, "mid-epoch resume")
-    yield from it
-
-
 @dataclass
 class _Run:
     """The state one :func:`finetune` call carries from step to step and epoch to epoch."""
 
     model: nn.Module
     net: nn.Module  # the model, or its DistributedDataParallel wrapper
-    data: _Data
+    data: EpochData
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.MultiStepLR
     epochs: int
@@ -796,8 +725,8 @@ def finetune(
     if teacher is not None:
         config["distill"] = {"temperature": float(temperature), "weight": float(distill_weight)}
     history: dict[str, list] = {"epoch": [], "train_loss": [], "eval_accuracy": [], "lr": []}
-    ckpt_path, ckpt = _read_checkpoint(checkpoint_dir, resume)
-    data = _Data(train_loader, _use_shards(shard, ckpt, ckpt_path), data_seed)
+    ckpt_path, ckpt = read_checkpoint(checkpoint_dir, resume)
+    data = EpochData(train_loader, use_shards(shard, ckpt, ckpt_path), data_seed)
     start, step0, base, epoch_rng = 0, 0, None, None
     if ckpt is not None:
         start, step0, base, epoch_rng = _restore(ckpt, ckpt_path, model, optimizer, scheduler, data, config, history,
@@ -819,14 +748,6 @@ def finetune(
     return run.result(start, step0)
 
 
-def _len_or_none(loader: Any, max_batches: int | None) -> int | None:
-    try:
-        n = len(loader)
-    except TypeError:
-        return max_batches
-    return n if max_batches is None else min(n, max_batches)
-
-
 def _restore_hyperparameters(path: Path, ckpt: Mapping[str, Any], optimizer: torch.optim.Optimizer,
                              scheduler: torch.optim.lr_scheduler.MultiStepLR, config: dict[str, Any], lr: float,
                              gamma: float, milestones: list[int]) -> None:
@@ -846,7 +767,7 @@ def _restore_hyperparameters(path: Path, ckpt: Mapping[str, Any], optimizer: tor
 
 
 def _restore(ckpt: Mapping[str, Any], path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-             scheduler: torch.optim.lr_scheduler.MultiStepLR, data: _Data, config: dict[str, Any],
+             scheduler: torch.optim.lr_scheduler.MultiStepLR, data: EpochData, config: dict[str, Any],
              history: dict[str, list], lr: float, gamma: float, milestones: list[int]
              ) -> tuple[int, int, dict[str, float] | None, dict[str, Any] | None]:
     """Load ``ckpt`` into the training state; returns the epochs done, the steps done in the next one,

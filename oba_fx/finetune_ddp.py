@@ -25,17 +25,20 @@ Example:
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterator
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
 from . import distributed
+from .batches import length
+from .checkpoint import rng_state, set_rng_state
 from .distributed import active, sum_numbers
 from .errors import BadInputError
 
-__all__ = ["ShardSampler", "data_parallel", "reduce_sums", "sharded_loader"]
+__all__ = ["EpochData", "ShardSampler", "data_parallel", "reduce_sums", "replay", "sharded_loader", "use_shards"]
 
 logger = logging.getLogger(__name__)
 
@@ -182,3 +185,52 @@ def reduce_sums(tally: dict[str, float], base: dict[str, float] | None = None) -
     keys = sorted(tally)
     summed = dict(zip(keys, sum_numbers([tally[k] for k in keys])))
     return {k: summed[k] + (base or {}).get(k, 0.0) for k in keys}
+
+
+def use_shards(shard: bool | None, ckpt: Mapping[str, Any] | None, path: Path | None) -> bool:
+    """Whether the run reads the data through a :class:`~oba_fx.finetune_ddp.ShardSampler`."""
+    was = ckpt is not None and ckpt.get("sampler") is not None
+    use = (active() or was) if shard is None else bool(shard)
+    if ckpt is not None and ckpt.get("step", 0) and use != was:
+        raise BadInputError(
+            f"{str(path)!r} was written in the middle of epoch {int(ckpt['epoch']) + 1} by a run that "
+            f"{'sharded' if was else 'did not shard'} its data; the rest of that epoch can only be read the same "
+            f"way: resume with shard={was} (a run that did not shard resumes on one process)")
+    return use
+
+
+class EpochData:
+    """The training batches of each epoch: the loader as given, or this rank's share of every global
+    batch (:func:`~oba_fx.finetune_ddp.sharded_loader`), from any step of the epoch."""
+
+    def __init__(self, loader: Iterable, shard: bool, seed: int) -> None:
+        self.loader, self.settings = sharded_loader(loader, seed) if shard else (loader, None)
+
+    def epoch(self, epoch0: int, step0: int, epoch_rng: Mapping[str, Any] | None) -> Iterable:
+        """Epoch ``epoch0``'s batches after its first ``step0`` steps."""
+        sampler = getattr(self.loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch0)
+        if step0 == 0:
+            return self.loader
+        if self.settings is not None:
+            sampler.start = step0 * self.settings["global_batch"]
+            return self.loader
+        return replay(self.loader, step0, epoch_rng, rng_state(self.loader))
+
+    def steps(self, step0: int) -> int | None:
+        """Steps in the whole epoch when the loader has a length (``step0`` of them already done)."""
+        n = length(self.loader)
+        return None if n is None else step0 + n
+
+
+def replay(loader: Iterable, skip: int, epoch_rng: Mapping[str, Any], now: Mapping[str, Any]) -> Iterable:
+    """A loader used as given, resumed after ``skip`` batches: its order (and augmentation) is redrawn
+    from the random states at the epoch's start, the first ``skip`` batches are drawn and dropped, then
+    the states of the checkpoint are restored."""
+    set_rng_state(epoch_rng, loader, "mid-epoch resume")
+    it = iter(loader)
+    for _ in range(skip):
+        next(it, None)
+    set_rng_state(now, loader, "mid-epoch resume")
+    yield from it
