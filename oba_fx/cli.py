@@ -157,6 +157,13 @@ def _check_prune_args(args) -> Path:
 
     if not 0.0 < args.target_flops <= 1.0:
         raise BadInputError(f"--target-flops is the retained FLOPs fraction and must be in (0, 1], got {args.target_flops}")
+    if args.checkpoint_every is not None and args.checkpoint_every < 1:
+        raise BadInputError(f"--checkpoint-every is a number of fine-tuning steps and must be a positive integer, "
+                            f"got {args.checkpoint_every} (leave it out to checkpoint at epoch ends only)")
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.finetune_epochs > 0 and args.batch_size % ranks:
+        raise BadInputError(f"--batch-size {args.batch_size} is the global fine-tuning batch and must be a multiple "
+                            f"of the {ranks} ranks; use e.g. --batch-size {ranks * max(1, args.batch_size // ranks)}")
     if args.unstructured and (args.sparsity is None or not 0.0 <= args.sparsity < 1.0):
         raise BadInputError(f"--unstructured needs --sparsity in [0, 1) (the fraction of weights removed), "
                             f"got {args.sparsity}")
@@ -172,6 +179,26 @@ def _check_prune_args(args) -> Path:
     return out
 
 
+def _device(args):
+    """``--device``: ``auto`` is this rank's GPU (``LOCAL_RANK`` under torchrun) when CUDA is available,
+    else the CPU. On CUDA, cuDNN picks its fastest kernels (``benchmark``) unless ``--deterministic``."""
+    import torch
+
+    if args.device == "auto":
+        cuda = torch.cuda.is_available()
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+    else:
+        device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = not args.deterministic
+        torch.backends.cudnn.deterministic = args.deterministic
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what deterministic cuBLAS needs
+        torch.use_deterministic_algorithms(True)
+    return device
+
+
 def cmd_prune(args) -> int:
     out_path = _check_prune_args(args)  # before torch is imported: a bad flag fails in a fraction of a second
     distill = _distill_options(args)
@@ -184,7 +211,8 @@ def cmd_prune(args) -> int:
     data = data_dir(args.data)
     weights = _weights_path(args, data)
     classes = 100 if args.dataset == "cifar100" else 10
-    model = get_model(args.model, num_classes=classes, weights=str(weights) if weights else None).eval()
+    device = _device(args)
+    model = get_model(args.model, num_classes=classes, weights=str(weights) if weights else None).eval().to(device)
     if weights is None:
         log.warning("no pretrained weights given (--weights or %s): pruning random weights", WEIGHTS_ENV)
     loaders = _loaders(args, data)
@@ -196,7 +224,7 @@ def cmd_prune(args) -> int:
         return [evaluate(m, dl, progress=not args.quiet, desc=f"accuracy {when}") for dl in tests.values()]
 
     teacher = copy.deepcopy(model) if distill is not None else None  # the dense model, before pruning
-    x = next(iter(calib))[0][:1]
+    x = next(iter(calib))[0][:1].to(device)
     t0 = time.time()
     acc = {"before": accuracy(model, "before")}
     kwargs = dict(criterion=args.criterion, target_flops=args.target_flops, steps=args.steps,
@@ -215,8 +243,12 @@ def cmd_prune(args) -> int:
     if args.finetune_epochs > 0:
         from .finetune import finetune
 
+        # Under torchrun (or when resuming a sharded checkpoint) finetune shards the data: the batch size is the
+        # global batch and a checkpoint resumes mid-epoch on any number of ranks. One process reads the loader as
+        # given (its checkpoints resume on several ranks at an epoch end).
         history = finetune(pruned, train(), epochs=args.finetune_epochs, lr=args.lr, progress=not args.quiet,
-                           checkpoint_dir=f"{out_path}.ckpt", teacher=teacher, **(distill or {}))
+                           checkpoint_dir=args.checkpoint_dir or f"{out_path}.ckpt", resume=args.resume,
+                           checkpoint_every=args.checkpoint_every, teacher=teacher, **(distill or {}))
         how = " (distilled)" if teacher is not None else ""
         acc[f"after {args.finetune_epochs} fine-tuning epoch(s){how}"] = accuracy(pruned, "after fine-tuning")
     if args.unstructured:
@@ -346,6 +378,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fine-tune this many epochs after pruning, distilling from the dense model (see --no-distill)")
     pr.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate (paper: 1e-3)")
     pr.add_argument("--train-limit", type=int, default=None, help="fine-tune on the first N training images")
+    pr.add_argument("--checkpoint-dir", default=None,
+                    help="fine-tuning checkpoint folder (default OUT.ckpt); written by rank 0, readable on any "
+                         "number of ranks")
+    pr.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS",
+                    help="also checkpoint every STEPS fine-tuning steps (default: at epoch ends only)")
+    pr.add_argument("--no-resume", dest="resume", action="store_false",
+                    help="start fine-tuning afresh even if the checkpoint folder holds a checkpoint")
+    pr.add_argument("--device", default="auto",
+                    help="cpu, cuda, cuda:N (default auto: this rank's GPU under torchrun if CUDA is available)")
+    pr.add_argument("--deterministic", action="store_true",
+                    help="deterministic kernels (cuDNN without benchmark, torch.use_deterministic_algorithms): "
+                         "reproducible on CUDA, slower")
     pr.add_argument("--no-distill", dest="distill", action="store_false",
                     help="fine-tune on the labels alone (default: distil from the dense model before pruning)")
     pr.add_argument("--distill-temperature", type=float, default=None, help="distillation temperature (default 4)")
@@ -381,9 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 @contextlib.contextmanager
-def _ranks():
+def _ranks(device: str = "auto"):
     """Under ``torchrun`` (``WORLD_SIZE`` > 1): join the process group (gloo on the CPU, nccl with
-    CUDA) for data-parallel calibration; only rank 0 prints and writes files."""
+    CUDA) for data-parallel calibration and fine-tuning; only rank 0 prints and writes files."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         yield
         return
@@ -392,7 +436,10 @@ def _ranks():
 
     joined = not dist.is_initialized()
     if joined:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        cuda = torch.cuda.is_available() and not device.startswith("cpu")
+        if cuda:  # NCCL needs each rank on its own GPU before the group forms
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
     quiet = dist.get_rank() != 0
     saved = sys.stdout
     if quiet:
@@ -413,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        with _ranks():
+        with _ranks(getattr(args, "device", "auto")):
             return args.fn(args)
     except (OBAError, ValueError, OSError, KeyError, RuntimeError) as e:  # bad input: one line, no traceback
         print(f"oba-fx: error: {one_line(e)}", file=sys.stderr)

@@ -267,13 +267,14 @@ def ridge_solve(xtx: torch.Tensor, xty: torch.Tensor, n_weight: int, ridge: floa
     try:
         return torch.linalg.solve(a, xty)
     except RuntimeError:  # singular (ridge 0 on rank-deficient inputs): minimum-norm solution
+        # "gelsd" (SVD based, rank-deficient systems) exists only on the CPU; a rare fallback, once per layer
         return torch.linalg.lstsq(a.cpu(), xty.cpu(), driver="gelsd").solution.to(xty.device)
 
 
 def _current(root: nn.Module, layer: _Layer) -> torch.Tensor:
     """The layer's kept weights (and bias) as a ``(columns, outputs)`` float64 matrix."""
     w = _get(root, layer.weight).detach()
-    ko, ki = torch.as_tensor(layer.kept_out), torch.as_tensor(layer.kept_in)
+    ko, ki = torch.as_tensor(layer.kept_out, device=w.device), torch.as_tensor(layer.kept_in, device=w.device)
     theta = w[ko][:, ki].reshape(ko.numel(), -1).double().T
     if layer.bias is not None:
         theta = torch.cat([theta, _get(root, layer.bias).detach()[ko].double()[None]], 0)
@@ -366,8 +367,8 @@ def _flat(v: Any) -> list[torch.Tensor]:
 def _fit(layer: _Layer, root: nn.Module, xs: list, ys: list, positions: int | None, ridge: float,
          gens: list[torch.Generator]) -> LayerFit:
     """Accumulate the normal equations over the batches, re-fit ``layer`` in ``root``."""
-    xtx = xty = None
-    yy, rows = 0.0, 0
+    xtx = xty = yy_t = None
+    rows = 0
     for x, y, gen in zip(xs, ys, gens):
         X, Y = design_rows(layer, x, y, positions, gen)
         X, Y = X.double(), Y.double()
@@ -375,10 +376,10 @@ def _fit(layer: _Layer, root: nn.Module, xs: list, ys: list, positions: int | No
             X = torch.cat([X, X.new_ones(X.shape[0], 1)], 1)
         a, b = X.T @ X, X.T @ Y
         xtx, xty = (a, b) if xtx is None else (xtx + a, xty + b)
-        yy += float(Y.square().sum())
+        yy_t = Y.square().sum() if yy_t is None else yy_t + Y.square().sum()  # on the device: no wait per batch
         rows += X.shape[0]
     xtx, xty = all_reduce_sum(xtx), all_reduce_sum(xty)  # the other ranks' images (data parallel)
-    yy, rows = sum_number(yy), int(sum_number(rows))
+    yy, rows = sum_number(float(yy_t) if yy_t is not None else 0.0), int(sum_number(rows))
     n_weight = xtx.shape[0] - (layer.bias is not None)
     before = _rel_error(_current(root, layer).to(xtx.device), xtx, xty, yy)
     theta = ridge_solve(xtx, xty, n_weight, ridge)
@@ -436,9 +437,9 @@ def compensate(gm: torch.fx.GraphModule, c: Coupling, removed: np.ndarray, data:
             assert pruned.step() is node
         out_p, out_d = pruned.finish(), dense.finish()
     bar.close()
-    num = sum_number(sum(float((a.double() - b.double()).square().sum()) for o, d in zip(out_p, out_d)
-                         for a, b in zip(_flat(o), _flat(d))))
-    den = sum_number(sum(float(b.double().square().sum()) for d in out_d for b in _flat(d)))
+    num = sum_number(float(sum((a.double() - b.double()).square().sum() for o, d in zip(out_p, out_d)
+                               for a, b in zip(_flat(o), _flat(d)))))  # summed on the device, read once
+    den = sum_number(float(sum(b.double().square().sum() for d in out_d for b in _flat(d))))
     for layer in layers:  # the user's copy gets the re-fit weights
         for name in (layer.weight, layer.bias):
             if name is not None:

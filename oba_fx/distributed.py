@@ -53,6 +53,13 @@ def shard(items: Iterable[T]) -> Iterator[T]:
             yield item
 
 
+def comm_device() -> torch.device:
+    """Where collective tensors must live: the current CUDA device under NCCL, else the CPU."""
+    if active() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """``t`` summed over the ranks (in place when it is reduced; returned either way)."""
     if active():
@@ -64,4 +71,31 @@ def sum_number(x: float) -> float:
     """A Python number summed over the ranks (float64)."""
     if not active():
         return x
-    return float(all_reduce_sum(torch.tensor([float(x)], dtype=torch.float64)).item())
+    return float(all_reduce_sum(torch.tensor([float(x)], dtype=torch.float64, device=comm_device())).item())
+
+
+def sum_numbers(xs: list[float]) -> list[float]:
+    """Python numbers summed over the ranks element-wise, in one collective (float64).
+
+    Example:
+        >>> sum_numbers([1.0, 2.5])   # one process: unchanged
+        [1.0, 2.5]
+    """
+    if not active():
+        return [float(x) for x in xs]
+    t = torch.tensor([float(x) for x in xs], dtype=torch.float64, device=comm_device())
+    return [float(v) for v in all_reduce_sum(t).cpu()]
+
+
+def broadcast_object(obj: T) -> T:
+    """Rank 0's ``obj`` on every rank (picklable objects; tensors travel as CPU tensors).
+
+    Example:
+        >>> broadcast_object({"epoch": 3})   # one process: unchanged
+        {'epoch': 3}
+    """
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, device=comm_device())
+    return box[0]

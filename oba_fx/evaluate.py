@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from .batches import bar, length, module_device, take, to_device
+from .distributed import is_main, shard, sum_numbers
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +24,9 @@ def evaluate(model: nn.Module, loader, max_batches: int | None = None, progress:
     """Top-1 accuracy of ``model`` on ``loader``, as a fraction in [0, 1].
 
     Runs in eval mode under ``torch.no_grad()`` and restores the model's previous train/eval mode.
-    Batches are moved to the device of the model's first parameter.
+    Batches are moved to the device of the model's first parameter. Under ``torch.distributed``
+    each rank evaluates its share of the batches (batch ``i`` on rank ``i mod world``) and the
+    counts are summed, so every rank returns the accuracy over all of them (call it on every rank).
 
     Args:
         model: A classifier returning logits (N, C).
@@ -48,17 +51,18 @@ def evaluate(model: nn.Module, loader, max_batches: int | None = None, progress:
     device = module_device(model)
     was_training = model.training
     model.eval()
-    correct = total = 0
+    correct, total = torch.zeros((), dtype=torch.long, device=device), 0
     try:
         with torch.no_grad():
-            for x, y in bar(take(loader, max_batches), progress, desc, total=length(loader, max_batches)):
-                x, y = to_device(x, device), y.to(device)
-                pred = model(x).argmax(dim=1)
-                correct += int((pred == y).sum())
-                total += int(y.numel())
+            for x, y in bar(shard(take(loader, max_batches)), progress and is_main(), desc,
+                            total=length(loader, max_batches)):
+                x, y = to_device(x, device), y.to(device, non_blocking=True)
+                correct += (model(x).argmax(dim=1) == y).sum()  # stays on the device: no wait per batch
+                total += y.numel()
     finally:
         model.train(was_training)
-    acc = correct / total if total else 0.0
-    logger.info("top-1 %.4f on %d images", acc, total)
+    hits, total = sum_numbers([int(correct), total])
+    acc = hits / total if total else 0.0
+    logger.info("top-1 %.4f on %d images", acc, int(total))
     return acc
 

@@ -44,8 +44,22 @@ weights of an uninterrupted one when
   pass ``milestones`` explicitly when extending. If the hyperparameters differ from the
   checkpoint's, the current ones are used from the next epoch on and a warning is logged.
 
-The checkpoint holds only tensors and plain Python values, so it loads with
-``torch.load(..., weights_only=True)``.
+Mid-epoch checkpoints: with ``checkpoint_every=k`` ``last.pt`` is also written after every ``k``
+optimizer steps, so an interrupt loses at most ``k - 1`` steps of work; the resumed run redoes them
+and no update is applied twice ("nothing lost, nothing repeated": the surviving updates use every
+sample exactly once per epoch, in the batches of an uninterrupted run).
+
+Data parallel (``torchrun``, or any initialised process group with more than one rank): the model
+is wrapped in :class:`~torch.nn.parallel.DistributedDataParallel`, the loader's dataset is read
+through a :class:`~oba_fx.finetune_ddp.ShardSampler` (a ``DistributedSampler``; ``set_epoch`` every
+epoch) and its ``batch_size`` is the *global* batch, split evenly over the ranks, so that training
+does not depend on the number of ranks. Rank 0 alone writes checkpoints (and reads them: the others
+receive them), and a checkpoint written on any number of ranks resumes on any other (pass
+``shard=True`` on one process to write such checkpoints; the CLI does under torchrun). See
+:mod:`oba_fx.finetune_ddp` for the order and what is exact.
+
+The checkpoint (:mod:`oba_fx.checkpoint`) holds only tensors and plain Python values, so it loads
+with ``torch.load(..., weights_only=True)``.
 
 Example:
     >>> import tempfile, torch
@@ -70,36 +84,33 @@ import itertools
 import logging
 import math
 import os
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-import numpy as np
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .batches import module_device, to_device
+from .batches import length, module_device, to_device
+from .checkpoint import CHECKPOINT_NAME, FORMAT, VERSION, read_checkpoint, rng_state, scheduler_state, set_rng_state
+from .distributed import is_main, world
 from .evaluate import evaluate
+from .finetune_ddp import EpochData, data_parallel, reduce_sums, use_shards
 from .io import atomic_save
 from .checks import LabelCheck, check_data, check_model
-from oba_fx.errors import BadFileError, BadInputError, BadNameError, BadTypeError, DivergedError, one_line
+from oba_fx.errors import BadInputError, BadNameError, BadTypeError, DivergedError
 
 __all__ = ["CHECKPOINT_NAME", "DEFAULT_DISTILL_WEIGHT", "DEFAULT_TEMPERATURE", "FinetuneResult", "distillation_loss",
            "finetune", "train_epoch"]
 
 logger = logging.getLogger(__name__)
 
-#: File name of the checkpoint inside ``checkpoint_dir``.
-CHECKPOINT_NAME = "last.pt"
 #: Default distillation temperature ``T`` (see the module documentation).
 DEFAULT_TEMPERATURE = 4.0
 #: Default share ``α`` of the distillation term (see the module documentation).
 DEFAULT_DISTILL_WEIGHT = 0.9
-_FORMAT = "oba_fx.finetune"
-_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -113,6 +124,7 @@ class FinetuneResult:
         lr: Learning rate used in each epoch.
         epochs_run: The epochs this call ran (the rest came from the checkpoint).
         resumed_from: Epochs already done when this call started (0: a fresh run).
+        resumed_step: Steps of the next epoch already done when this call started.
         checkpoint: Path of ``last.pt``, or ``None`` without ``checkpoint_dir``.
 
     Example:
@@ -129,6 +141,7 @@ class FinetuneResult:
     epochs_run: tuple[int, ...]
     resumed_from: int = 0
     checkpoint: str | None = None
+    resumed_step: int = 0
 
     @property
     def final_accuracy(self) -> float | None:
@@ -156,86 +169,6 @@ def _batch_size(y: Any) -> int:
     return 1
 
 
-def _loader_generators(loader: Any) -> dict[str, torch.Generator]:
-    """The torch generators that drive the loader's order (deduplicated, by role)."""
-    found: dict[str, torch.Generator] = {}
-    seen: set[int] = set()
-    batch_sampler = getattr(loader, "batch_sampler", None)
-    candidates = (
-        ("loader", getattr(loader, "generator", None)),
-        ("sampler", getattr(getattr(loader, "sampler", None), "generator", None)),
-        ("batch_sampler.sampler", getattr(getattr(batch_sampler, "sampler", None), "generator", None)),
-    )
-    for role, g in candidates:
-        if isinstance(g, torch.Generator) and id(g) not in seen:
-            seen.add(id(g))
-            found[role] = g
-    return found
-
-
-def _rng_state(loader: Any) -> dict[str, Any]:
-    np_state = np.random.get_state()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        # NumPy's key array as a plain list, so that the checkpoint loads with weights_only=True.
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "loader": {role: g.get_state() for role, g in _loader_generators(loader).items()},
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: Mapping[str, Any], loader: Any, where: str) -> None:
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    if "cuda" in state and torch.cuda.is_available():
-        if len(state["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(state["cuda"])
-        else:
-            logger.warning("%s: saved CUDA RNG states for %d devices, %d visible: not restored",
-                           where, len(state["cuda"]), torch.cuda.device_count())
-    gens = _loader_generators(loader)
-    saved = state.get("loader", {})
-    for role, g in gens.items():
-        if role in saved:
-            g.set_state(saved[role])
-    if set(gens) != set(saved):
-        logger.warning(
-            "%s: the checkpoint has loader generators %s, this loader %s; the data order of the "
-            "resumed run may differ from an uninterrupted one", where, sorted(saved), sorted(gens))
-
-
-def _scheduler_state(scheduler: torch.optim.lr_scheduler.MultiStepLR) -> dict[str, Any]:
-    sd = dict(scheduler.state_dict())
-    sd["milestones"] = dict(sd["milestones"])  # a Counter; a plain dict loads with weights_only=True
-    return sd
-
-
-def _is_main_process() -> bool:
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def _load_checkpoint(path: Path) -> dict[str, Any]:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle, zip and torch errors all mean "unreadable"
-        raise BadFileError(f"cannot read the fine-tuning checkpoint {str(path)!r} (truncated or corrupt?): "
-                           f"{one_line(exc)}; delete it or pass resume=False to start afresh") from exc
-    if not isinstance(ckpt, dict) or ckpt.get("format") != _FORMAT:
-        raise BadInputError(f"{str(path)!r} is not an oba_fx fine-tuning checkpoint; delete it or pass resume=False")
-    if ckpt.get("version", 0) > _VERSION:
-        raise BadInputError(f"{str(path)!r} has checkpoint version {ckpt.get('version')}; this oba_fx reads "
-                         f"version {_VERSION} or older")
-    return ckpt
-
-
 def _prepare_masks(model: nn.Module, masks: Mapping[str, torch.Tensor] | None
                    ) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
     if not masks:
@@ -245,7 +178,7 @@ def _prepare_masks(model: nn.Module, masks: Mapping[str, torch.Tensor] | None
     for name, mask in masks.items():
         if name not in params:
             raise BadNameError(f"mask for {name!r}, which is not a parameter of the model; parameters are e.g. "
-                           f"{sorted(params)[:8]}")
+                               f"{sorted(params)[:8]}")
         p = params[name]
         mask = torch.as_tensor(mask)
         if mask.shape != p.shape:
@@ -390,11 +323,12 @@ def _loss(model: nn.Module, teacher: nn.Module | None, x: Any, y: Any, loss_fn: 
     return distillation_loss(out, teacher_out, y, *distill, loss_fn=loss_fn), out
 
 
-def _correct(out: Any, y: Any) -> int | None:
-    """Top-1 hits of a ``(batch, classes)`` output on class-index targets; ``None`` for other outputs."""
+def _correct(out: Any, y: Any) -> torch.Tensor | None:
+    """Top-1 hits (a 0-d tensor on the outputs' device) of a ``(batch, classes)`` output on class-index
+    targets; ``None`` for other outputs."""
     if (isinstance(out, torch.Tensor) and isinstance(y, torch.Tensor) and out.dim() == 2 and y.dim() == 1
             and len(y) == len(out) and not y.is_floating_point()):
-        return int((out.detach().argmax(1) == y).sum())
+        return (out.detach().argmax(1) == y).sum()
     return None
 
 
@@ -413,25 +347,39 @@ def _step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
 
 
 class _Tally:
-    """Running sums of an epoch: per-sample loss, samples, batches, top-1 hits."""
+    """Running sums of an epoch: per-sample loss, samples, batches, top-1 hits.
+
+    The loss and hit sums stay on the training device (no host synchronisation per batch);
+    :meth:`sums` reads them.
+    """
 
     def __init__(self) -> None:
-        self.loss, self.samples, self.batches, self.correct = 0.0, 0, 0, 0
-        self.has_accuracy = True
+        self.loss: torch.Tensor | float = 0.0
+        self.correct: torch.Tensor | int = 0
+        self.samples, self.batches, self.no_accuracy = 0, 0, 0
 
-    def add(self, value: float, y: Any, correct: int | None) -> None:
+    def add(self, loss: torch.Tensor, y: Any, correct: torch.Tensor | None) -> None:
         bs = _batch_size(y)
-        self.loss += value * bs
+        self.loss = self.loss + loss.detach().double() * bs
         self.samples += bs
         self.batches += 1
         if correct is None:
-            self.has_accuracy = False
+            self.no_accuracy += 1
         else:
-            self.correct += correct
+            self.correct = self.correct + correct
 
-    def result(self, seconds: float) -> dict[str, Any]:
-        return {"loss": self.loss / self.samples, "samples": self.samples, "batches": self.batches,
-                "accuracy": self.correct / self.samples if self.has_accuracy else None, "seconds": seconds}
+    def sums(self) -> dict[str, float]:
+        """The sums as Python numbers (one host synchronisation)."""
+        return {"loss": float(self.loss), "samples": float(self.samples), "batches": float(self.batches),
+                "correct": float(self.correct), "no_accuracy": float(self.no_accuracy)}
+
+
+def _result(sums: Mapping[str, float], seconds: float) -> dict[str, Any]:
+    """``train_epoch``'s result from (possibly all-reduced) tally sums."""
+    n = sums["samples"]
+    return {"loss": sums["loss"] / n, "samples": int(n), "batches": int(sums["batches"]),
+            "accuracy": sums["correct"] / n if sums["no_accuracy"] == 0 else None, "seconds": seconds,
+            "sums": dict(sums)}
 
 
 def train_epoch(
@@ -450,6 +398,7 @@ def train_epoch(
     progress: bool = True,
     desc: str = "training",
     log_every: int = 0,
+    on_step: Callable[[int, Callable[[], dict[str, float]]], None] | None = None,
 ) -> dict[str, Any]:
     """One pass over ``loader``: forward, loss, backward and an ``optimizer`` step per batch.
 
@@ -478,11 +427,15 @@ def train_epoch(
         progress: Show a tqdm bar with the running mean loss.
         desc: Label of the bar and of error and log messages (e.g. ``"epoch 2/5"``).
         log_every: Log the running mean loss every this many batches (0: never).
+        on_step: Called after every optimizer step as ``on_step(batches done, sums)``; ``sums()``
+            returns the running ``{"loss", "samples", "batches", "correct", "no_accuracy"}`` (per-sample
+            loss summed), reading them from the device (:func:`finetune` writes its mid-epoch
+            checkpoints here).
 
     Returns:
         ``{"loss": mean per-sample loss, "samples": n, "batches": n, "accuracy": top-1 on the
         training batches as trained (``None`` if the outputs are not (batch, classes) logits),
-        "seconds": wall time}``.
+        "seconds": wall time, "sums": the sums behind them (see ``on_step``)}``.
 
     Raises:
         ValueError: ``loader`` yielded no batches, or a bad teacher (see :func:`distillation_loss`).
@@ -510,39 +463,53 @@ def train_epoch(
     model.train()
     with _eval_mode(teacher) if teacher is not None else contextlib.nullcontext():
         return _run_batches(model, loader, optimizer, loss_fn, teacher, (temperature, distill_weight), mask_list,
-                            scheduler, dev, max_batches, progress, desc, log_every)
+                            scheduler, dev, max_batches, progress, desc, log_every, on_step)
+
+
+#: the loss is checked for NaN / infinity (a host synchronisation) every this many batches
+_CHECK_EVERY = 10
+
+
+def _checked(tally: _Tally, desc: str, first: int) -> dict[str, float]:
+    """The tally's sums; raises if the loss of a batch since batch ``first`` was not finite."""
+    sums = tally.sums()
+    if not math.isfinite(sums["loss"]):
+        raise DivergedError(f"training loss is {sums['loss']} in {desc}, between batches {first} and "
+                            f"{tally.batches}; lower the learning rate")
+    return sums
 
 
 def _run_batches(model, loader, optimizer, loss_fn, teacher, distill, mask_list, scheduler, dev, max_batches,
-                 progress, desc, log_every) -> dict[str, Any]:
+                 progress, desc, log_every, on_step=None) -> dict[str, Any]:
     """The batch loop of :func:`train_epoch` (arguments checked there)."""
-    tally, t0 = _Tally(), time.perf_counter()
-    labels = LabelCheck(model, isinstance(loss_fn, nn.CrossEntropyLoss), lambda x: _forward(model, x))
+    tally, t0, checked = _Tally(), time.perf_counter(), 1
     # The bar is fed by hand: handed the loader, tqdm.auto's class calls iter() on it at once, which starts a
     # DataLoader's worker processes and draws from its generator for an iterator that is thrown away.
-    bar = tqdm(desc=desc, disable=not progress, leave=False, total=_len_or_none(loader, max_batches))
+    labels = LabelCheck(model, isinstance(loss_fn, nn.CrossEntropyLoss), lambda x: _forward(model, x))
+    bar = tqdm(desc=desc, disable=not progress, leave=False, total=length(loader, max_batches))
     try:
         for i, batch in enumerate(itertools.islice(loader, max_batches)):  # no batch beyond max_batches is drawn
             x, y = to_device(batch[0], dev), to_device(batch[1], dev)
             labels(x, y, f"{desc}, batch {i + 1}")
             loss, out = _loss(model, teacher, x, y, loss_fn, distill)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise DivergedError(f"training loss is {value} in {desc}, batch {i + 1}; lower the learning rate")
             _step(loss, optimizer, mask_list)
             if scheduler is not None:
                 scheduler.step()
-            tally.add(value, y, _correct(out, y))
+            tally.add(loss, y, _correct(out, y))
             bar.update(1)
-            if progress and tally.batches % 10 == 0:
-                bar.set_postfix(loss=f"{tally.loss / tally.samples:.4f}")
-            if log_every and tally.batches % log_every == 0:
-                logger.info("%s, batch %d: mean loss %.4f", desc, tally.batches, tally.loss / tally.samples)
+            b = tally.batches
+            if b % _CHECK_EVERY == 0 or (log_every and b % log_every == 0):
+                sums, checked = _checked(tally, desc, checked), b + 1
+                bar.set_postfix(loss=f"{sums['loss'] / sums['samples']:.4f}")
+                if log_every and b % log_every == 0:
+                    logger.info("%s, batch %d: mean loss %.4f", desc, b, sums["loss"] / sums["samples"])
+            if on_step is not None:
+                on_step(b, lambda: _checked(tally, desc, 1))
     finally:
         bar.close()
     if tally.batches == 0:
         raise BadInputError(f"{desc}: the training loader yielded no batches")
-    return tally.result(time.perf_counter() - t0)
+    return _result(_checked(tally, desc, checked), time.perf_counter() - t0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -571,27 +538,13 @@ def _checked_milestones(epochs: int, milestones: list[int] | None) -> list[int]:
     return milestones
 
 
-def _open_checkpoint(checkpoint_dir: str | os.PathLike | None, resume: bool,
-                     restore: Callable[[Path], int]) -> tuple[Path | None, int]:
-    """The checkpoint path (``None`` without a folder) and the epochs already done (restored into the run)."""
-    if checkpoint_dir is None:
-        return None, 0
-    folder = Path(checkpoint_dir).expanduser()
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / CHECKPOINT_NAME
-    if path.exists() and resume:
-        return path, restore(path)
-    if path.exists():
-        logger.warning("resume=False: starting afresh; %s will be overwritten", path)
-    return path, 0
-
-
 @dataclass
 class _Run:
-    """The state one :func:`finetune` call carries from epoch to epoch."""
+    """The state one :func:`finetune` call carries from step to step and epoch to epoch."""
 
     model: nn.Module
-    loader: Iterable
+    net: nn.Module  # the model, or its DistributedDataParallel wrapper
+    data: EpochData
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.MultiStepLR
     epochs: int
@@ -600,46 +553,61 @@ class _Run:
     ckpt_path: Path | None
     eval_loader: Iterable | None
     train_kwargs: dict[str, Any]
+    checkpoint_every: int | None = None
     ran: list[int] = field(default_factory=list)
+    epoch_rng: dict[str, Any] | None = None
+    base: dict[str, float] | None = None  # the unfinished epoch's sums restored from a checkpoint
 
-    def epoch(self, epoch0: int) -> None:
-        """Train the 0-based epoch ``epoch0``, step the schedule, evaluate, record, checkpoint."""
+    def epoch(self, epoch0: int, step0: int = 0) -> None:
+        """Train the 0-based epoch ``epoch0`` from its step ``step0``, step the schedule, evaluate, record,
+        checkpoint (also every ``checkpoint_every`` steps)."""
         epoch = epoch0 + 1
         epoch_lr = float(self.optimizer.param_groups[0]["lr"])
-        sampler = getattr(self.loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch0)
-        stats = train_epoch(self.model, self.loader, self.optimizer, desc=f"epoch {epoch}/{self.epochs}",
-                            **self.train_kwargs)
+        if step0 == 0:
+            self.epoch_rng = rng_state(self.data.loader)
+        batches = self.data.epoch(epoch0, step0, self.epoch_rng)
+        total = self.data.steps(step0)
+
+        def on_step(b: int, sums: Callable[[], dict[str, float]]) -> None:
+            step = step0 + b
+            if step % self.checkpoint_every == 0 and step < total:  # the epoch's end is saved below
+                self.save(epoch0, step, reduce_sums(sums(), self.base))
+
+        mid = bool(self.checkpoint_every) and self.ckpt_path is not None and total is not None
+        stats = train_epoch(self.net, batches, self.optimizer, desc=f"epoch {epoch}/{self.epochs}",
+                            on_step=on_step if mid else None, **self.train_kwargs)
+        sums, self.base = reduce_sums(stats["sums"], self.base), None
         self.scheduler.step()
         acc = (evaluate(self.model, self.eval_loader, max_batches=self.train_kwargs["max_batches"])
                if self.eval_loader is not None else None)
         self.model.train()
-        for key, value in (("epoch", epoch), ("train_loss", stats["loss"]), ("eval_accuracy", acc),
-                           ("lr", epoch_lr)):
+        loss = sums["loss"] / sums["samples"]
+        for key, value in (("epoch", epoch), ("train_loss", loss), ("eval_accuracy", acc), ("lr", epoch_lr)):
             self.history[key].append(value)
         self.ran.append(epoch)
-        logger.info("epoch %d/%d: train loss %.4f%s, lr %.3g", epoch, self.epochs, stats["loss"],
+        logger.info("epoch %d/%d: train loss %.4f%s, lr %.3g", epoch, self.epochs, loss,
                     "" if acc is None else f", accuracy {acc:.4f}", epoch_lr)
-        self.save(epoch)
+        self.save(epoch, 0, None)
 
-    def save(self, epoch: int) -> None:
-        """Write ``last.pt`` (main process only; nothing without a checkpoint folder)."""
-        if self.ckpt_path is None or not _is_main_process():
+    def save(self, epochs_done: int, step: int, tally: dict[str, float] | None) -> None:
+        """Write ``last.pt`` (rank 0 only; nothing without a checkpoint folder): ``epochs_done`` epochs
+        and ``step`` steps of the next one."""
+        if self.ckpt_path is None or not is_main():
             return
         atomic_save({
-            "format": _FORMAT, "version": _VERSION, "epoch": epoch, "epochs": self.epochs,
+            "format": FORMAT, "version": VERSION, "epoch": epochs_done, "step": step, "epochs": self.epochs,
             "config": self.config, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": _scheduler_state(self.scheduler), "rng": _rng_state(self.loader),
-            "history": self.history,
+            "scheduler": scheduler_state(self.scheduler), "rng": rng_state(self.data.loader),
+            "epoch_rng": self.epoch_rng if step else None, "tally": tally, "history": self.history,
+            "sampler": self.data.settings, "world": world(),
         }, self.ckpt_path)
-        logger.debug("wrote %s (epoch %d)", self.ckpt_path, epoch)
+        logger.debug("wrote %s (epoch %d, step %d)", self.ckpt_path, epochs_done, step)
 
-    def result(self, start: int) -> FinetuneResult:
+    def result(self, start: int, step0: int) -> FinetuneResult:
         h = self.history
         return FinetuneResult(
             epochs=tuple(h["epoch"]), train_loss=tuple(h["train_loss"]), eval_accuracy=tuple(h["eval_accuracy"]),
-            lr=tuple(h["lr"]), epochs_run=tuple(self.ran), resumed_from=start,
+            lr=tuple(h["lr"]), epochs_run=tuple(self.ran), resumed_from=start, resumed_step=step0,
             checkpoint=str(self.ckpt_path) if self.ckpt_path is not None else None)
 
 
@@ -664,6 +632,9 @@ def finetune(
     device: str | torch.device | None = None,
     progress: bool = True,
     max_batches: int | None = None,
+    checkpoint_every: int | None = None,
+    shard: bool | None = None,
+    data_seed: int = 0,
 ) -> FinetuneResult:
     """Fine-tune ``model`` in place with SGD and a multi-step learning-rate schedule.
 
@@ -700,6 +671,14 @@ def finetune(
         device: Where to train (the model is moved there); default: the model's device.
         progress: Show a tqdm bar over the batches of each epoch.
         max_batches: Use at most this many batches per epoch, for training and for evaluation.
+        checkpoint_every: Also write ``last.pt`` after every this many optimizer steps (global
+            steps) inside an epoch, so that an interrupt loses at most that many steps (needs a
+            loader with a length). ``None``: at epoch ends only.
+        shard: Read the data through a :class:`~oba_fx.finetune_ddp.ShardSampler` (the loader's
+            ``batch_size`` is then the global batch, split over the ranks). Default: when a process
+            group with more than one rank is initialised, or when resuming a checkpoint written so.
+            Pass ``True`` on one process to write checkpoints that resume on any number of ranks.
+        data_seed: Seed of the sharded sampler's permutations (``seed + epoch``).
 
     Returns:
         A :class:`FinetuneResult` with the per-epoch history.
@@ -729,6 +708,9 @@ def finetune(
     """
     _check_finetune_args(model, epochs, max_batches, teacher, temperature, distill_weight)
     check_data(train_loader, "finetune", reads=epochs)
+    if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
+        raise BadInputError(f"checkpoint_every is a number of optimizer steps and must be a positive int, got "
+                            f"{checkpoint_every!r} (None: at epoch ends only)")
     milestones = _checked_milestones(epochs, milestones)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -746,59 +728,72 @@ def finetune(
     if teacher is not None:
         config["distill"] = {"temperature": float(temperature), "weight": float(distill_weight)}
     history: dict[str, list] = {"epoch": [], "train_loss": [], "eval_accuracy": [], "lr": []}
-    ckpt_path, start = _open_checkpoint(checkpoint_dir, resume, lambda path: _restore(
-        path, model, optimizer, scheduler, train_loader, config, history, lr, gamma, milestones))
-
+    ckpt_path, ckpt = read_checkpoint(checkpoint_dir, resume)
+    data = EpochData(train_loader, use_shards(shard, ckpt, ckpt_path), data_seed)
+    start, step0, base, epoch_rng = 0, 0, None, None
+    if ckpt is not None:
+        start, step0, base, epoch_rng = _restore(ckpt, ckpt_path, model, optimizer, scheduler, data, config, history,
+                                                 lr, gamma, milestones)
     _apply_masks(mask_list)
+    net = data_parallel(model, dev)  # after the restore: DDP starts every rank from rank 0's weights
+    if net is not model and masks:
+        masks = {f"module.{k}": v for k, v in masks.items()}
     if start >= epochs:
         logger.info("%s already has %d epochs done (asked for %d): nothing to run", ckpt_path, start, epochs)
-    elif start:
-        logger.info("resuming from %s: epochs %d-%d of %d", ckpt_path, start + 1, epochs, epochs)
-    run = _Run(model, train_loader, optimizer, scheduler, epochs, config, history, ckpt_path, eval_loader,
+    elif start or step0:
+        logger.info("resuming from %s: epoch %d from step %d, to epoch %d", ckpt_path, start + 1, step0 + 1, epochs)
+    run = _Run(model, net, data, optimizer, scheduler, epochs, config, history, ckpt_path, eval_loader,
                dict(loss_fn=loss_fn, teacher=teacher, temperature=temperature, distill_weight=distill_weight,
-                    masks=masks, device=dev, max_batches=max_batches, progress=progress))
+                    masks=masks, device=dev, max_batches=max_batches, progress=progress and is_main()),
+               checkpoint_every, epoch_rng=epoch_rng, base=base)
     for epoch0 in range(start, epochs):
-        run.epoch(epoch0)
-    return run.result(start)
+        run.epoch(epoch0, step0 if epoch0 == start else 0)
+    return run.result(start, step0)
 
 
-def _len_or_none(loader: Any, max_batches: int | None) -> int | None:
-    try:
-        n = len(loader)
-    except TypeError:
-        return max_batches
-    return n if max_batches is None else min(n, max_batches)
+def _restore_hyperparameters(path: Path, ckpt: Mapping[str, Any], optimizer: torch.optim.Optimizer,
+                             scheduler: torch.optim.lr_scheduler.MultiStepLR, config: dict[str, Any], lr: float,
+                             gamma: float, milestones: list[int]) -> None:
+    """Apply the current hyperparameters from the checkpoint's next epoch on (with a warning)."""
+    done = int(ckpt["epoch"])
+    changed = {k: (ckpt["config"].get(k), config.get(k)) for k in sorted(set(ckpt["config"]) | set(config))
+               if ckpt["config"].get(k) != config.get(k)}
+    logger.warning("resuming %s with other hyperparameters than it was written with (checkpoint, now): %s; "
+                   "the current ones apply from epoch %d on", path, changed, done + 1)
+    scheduler.milestones = collections.Counter(milestones)
+    scheduler.gamma = gamma
+    scheduler.base_lrs = [lr for _ in optimizer.param_groups]
+    new_lr = _lr_for_epoch(lr, gamma, milestones, done)
+    for group in optimizer.param_groups:
+        group.update(lr=new_lr, initial_lr=lr, momentum=config["momentum"], weight_decay=config["weight_decay"])
+    scheduler._last_lr = [new_lr for _ in optimizer.param_groups]  # what get_last_lr() reports
 
 
-def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-             scheduler: torch.optim.lr_scheduler.MultiStepLR, loader: Any, config: dict[str, Any],
-             history: dict[str, list], lr: float, gamma: float, milestones: list[int]) -> int:
-    """Load ``path`` into the training state; returns the number of epochs done."""
-    ckpt = _load_checkpoint(path)
+def _restore(ckpt: Mapping[str, Any], path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+             scheduler: torch.optim.lr_scheduler.MultiStepLR, data: EpochData, config: dict[str, Any],
+             history: dict[str, list], lr: float, gamma: float, milestones: list[int]
+             ) -> tuple[int, int, dict[str, float] | None, dict[str, Any] | None]:
+    """Load ``ckpt`` into the training state; returns the epochs done, the steps done in the next one,
+    that epoch's sums so far and its starting random states."""
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
         raise BadInputError(f"the checkpoint {str(path)!r} does not fit this model (another architecture?): {exc}; "
                          "delete it or pass resume=False") from exc
+    step = int(ckpt.get("step", 0))
+    if step and ckpt.get("sampler") != data.settings:
+        raise BadInputError(f"{str(path)!r} was written in the middle of an epoch with the sharded data settings "
+                            f"{ckpt.get('sampler')}, this run has {data.settings}; resume with the same batch size "
+                            "(the global batch) and data_seed")
     optimizer.load_state_dict(ckpt["optimizer"])
     sched = dict(ckpt["scheduler"])
     sched["milestones"] = collections.Counter(sched["milestones"])
     scheduler.load_state_dict(sched)
-    done = int(ckpt["epoch"])
     if ckpt["config"] != config:
-        changed = {k: (ckpt["config"].get(k), config.get(k)) for k in sorted(set(ckpt["config"]) | set(config))
-                   if ckpt["config"].get(k) != config.get(k)}
-        logger.warning("resuming %s with other hyperparameters than it was written with (checkpoint, now): %s; "
-                       "the current ones apply from epoch %d on", path, changed, done + 1)
-        scheduler.milestones = collections.Counter(milestones)
-        scheduler.gamma = gamma
-        scheduler.base_lrs = [lr for _ in optimizer.param_groups]
-        new_lr = _lr_for_epoch(lr, gamma, milestones, done)
-        for group in optimizer.param_groups:
-            group.update(lr=new_lr, initial_lr=lr, momentum=config["momentum"],
-                         weight_decay=config["weight_decay"])
-        scheduler._last_lr = [new_lr for _ in optimizer.param_groups]  # what get_last_lr() reports
+        _restore_hyperparameters(path, ckpt, optimizer, scheduler, config, lr, gamma, milestones)
     for key in history:
         history[key].extend(ckpt["history"][key])
-    _set_rng_state(ckpt["rng"], loader, str(path))
-    return done
+    set_rng_state(ckpt["rng"], data.loader, str(path))
+    if ckpt.get("world", 1) != world():
+        logger.info("%s was written by %d rank(s); resuming on %d", path, ckpt.get("world", 1), world())
+    return int(ckpt["epoch"]), step, ckpt.get("tally"), ckpt.get("epoch_rng")

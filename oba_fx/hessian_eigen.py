@@ -17,6 +17,11 @@ Power iteration converges to the eigenvalues of largest *magnitude*; the report 
 **Masks.** ``masks={name: 0/1}`` restricts ``H`` to the unmasked coordinates
 (``v ← m ⊙ v``, ``Hv ← m ⊙ Hv``): the curvature of the network that remains after pruning.
 
+**Data parallel.** Under ``torch.distributed`` each rank holds its share of the calibration
+batches (batch ``i`` on rank ``i mod world``); a product is the sum of every rank's per-batch
+products (one ``all_reduce`` of the flattened vector) divided by the number of batches over all
+ranks, so all ranks iterate on the same vectors and return the same eigenpairs.
+
 **Convergence.** Iteration ``t`` of pair ``j`` computes ``w = P H P v_t``, the Rayleigh quotient
 ``λ = v_tᵀ w`` and the residual ``‖w − λ v_t‖``; it stops when that is at most ``tol · |λ| / 2`` or after
 ``iters`` products. Each earlier pair's error (mostly along the next eigenvector) leaks into the
@@ -52,6 +57,7 @@ from torch.overrides import TorchFunctionMode
 
 from .batches import take, to_device
 from .checks import LabelCheck, check_data, check_inputs_usable, check_model, split_batch
+from .distributed import active, all_reduce_sum, is_main, shard, sum_number
 from .hvp import LossFn, check_hessian, fused_hvp, trainable_param_names
 from .errors import BadInputError, BadNameError
 
@@ -151,8 +157,9 @@ class _BatchHessian:
     """
 
     def __init__(self, model: nn.Module, batches: list, names: list[str], loss_fn: LossFn | None, hessian: str,
-                 masks: Mapping[str, torch.Tensor]):
+                 masks: Mapping[str, torch.Tensor], n_total: int | None = None):
         self.model, self.batches, self.names = model, batches, names
+        self.n_total = len(batches) if n_total is None else n_total  # batches over all ranks
         self.loss_fn, self.hessian, self.masks = loss_fn, hessian, masks
         self.decompose = False
         self.reverse = False
@@ -179,12 +186,24 @@ class _BatchHessian:
 
     def __call__(self, v: Vec) -> Vec:
         v = _masked(v, self.masks)
-        total: Vec | None = None
-        for x, y in self.batches:
+        total = {n: torch.zeros_like(t) for n, t in v.items()}
+        for x, y in self.batches:  # this rank's share; the other ranks' products are added below
             hv = self._one(x, y, v)
-            total = hv if total is None else {n: total[n] + hv[n] for n in total}
-        assert total is not None
-        return _masked(_scale(1.0 / len(self.batches), total), self.masks)
+            total = {n: total[n] + hv[n] for n in total}
+        total = _all_reduce(total)
+        return _masked(_scale(1.0 / self.n_total, total), self.masks)
+
+
+def _all_reduce(v: Vec) -> Vec:
+    """``v`` summed over the ranks, flattened into one collective (identity on one process)."""
+    if not active():
+        return v
+    flat = all_reduce_sum(torch.cat([t.reshape(-1) for t in v.values()]))
+    out, i = {}, 0
+    for n, t in v.items():
+        out[n] = flat[i:i + t.numel()].view_as(t)
+        i += t.numel()
+    return out
 
 
 class hard_activations_decomposed(TorchFunctionMode):
@@ -285,7 +304,7 @@ def _rayleigh_ritz(op: _BatchHessian, vectors: list[Vec]) -> tuple[list[float], 
     """
     hv = [op(v) for v in vectors]
     k = len(vectors)
-    T = torch.tensor([[float(_dot(vectors[i], hv[j])) for j in range(k)] for i in range(k)], dtype=torch.float64)
+    T = torch.stack([torch.stack([_dot(vectors[i], hv[j]) for j in range(k)]) for i in range(k)]).double().cpu()
     evals, Q = torch.linalg.eigh((T + T.T) / 2)
     order = evals.abs().argsort(descending=True)
     lams, us, res = [], [], []
@@ -307,25 +326,28 @@ def _check_masks(masks: Mapping[str, torch.Tensor] | None, params: Mapping[str, 
     for n, m in (masks or {}).items():
         if n not in params:
             raise BadNameError(f"masks: {n!r} is not one of the parameters power iteration spans "
-                           f"(e.g. {list(params)[:4]}); pass param_names= to include it")
+                               f"(e.g. {list(params)[:4]}); pass param_names= to include it")
         if tuple(m.shape) != tuple(params[n].shape):
             raise BadInputError(f"masks[{n!r}] has shape {tuple(m.shape)}, the parameter {tuple(params[n].shape)}")
         out[n] = m.to(device=params[n].device, dtype=params[n].dtype)
     return out
 
 
-def _batches(data: Iterable, max_batches: int | None, device: torch.device, labels: LabelCheck) -> list:
+def _batches(data: Iterable, max_batches: int | None, device: torch.device,
+             labels: LabelCheck) -> tuple[list, int]:
+    """This rank's share of the calibration batches (on ``device``) and the number over all ranks."""
     if data is None:
         raise BadInputError("power_iteration needs calibration data: data=<iterable of (inputs, targets)>")
     out = []
-    for i, b in enumerate(take(data, max_batches)):
+    for i, b in shard(enumerate(take(data, max_batches))):
         x, y = (to_device(t, device) for t in split_batch(b, f"calibration batch {i}"))
         check_inputs_usable(x, f"calibration batch {i}")
         labels(x, y, f"calibration batch {i}")
         out.append((x, y))
-    if not out:
+    n = int(sum_number(len(out)))
+    if not n:
         raise BadInputError("no batches: `data` yielded nothing (or max_batches=0)")
-    return out
+    return out, n
 
 
 def power_iteration(model: nn.Module, data: Iterable, *, k: int = 1, iters: int = 100, tol: float = 1e-4,
@@ -338,6 +360,9 @@ def power_iteration(model: nn.Module, data: Iterable, *, k: int = 1, iters: int 
     Args:
         model: returns logits; never mutated (buffers are copied, modes restored).
         data: calibration batches ``(x, y)``; all are held for the run (each product visits all).
+            Under ``torch.distributed`` each rank holds and multiplies its share (batch ``i`` on rank
+            ``i mod world``) and the products are summed over the ranks, so every rank iterates on the
+            same vectors and returns the same eigenpairs.
         k: number of eigenpairs (deflation for ``k > 1``).
         iters: the most Hessian-vector products per pair.
         tol: stop when ``‖Hv − λv‖ ≤ tol · |λ|``.
@@ -389,13 +414,13 @@ def power_iteration(model: nn.Module, data: Iterable, *, k: int = 1, iters: int 
     params = {n: all_params[n].detach() for n in names}
     masks_ = _check_masks(masks, params)
     device = next(iter(params.values())).device
-    batches = _batches(data, max_batches, device, LabelCheck(model, enabled=loss_fn is None))
+    batches, n_batches = _batches(data, max_batches, device, LabelCheck(model, enabled=loss_fn is None))
     gen = torch.Generator().manual_seed(seed)
     t0 = time.time()
-    op = _BatchHessian(model, batches, names, loss_fn, hessian, masks_)
+    op = _BatchHessian(model, batches, names, loss_fn, hessian, masks_, n_batches)
     found: list[tuple[float, Vec, int, float, bool]] = []
     bar = None
-    if progress:
+    if progress and is_main():
         from tqdm.auto import tqdm
 
         bar = tqdm(total=k * iters, desc="power iteration", unit="hvp", disable=None, leave=False)
@@ -418,7 +443,7 @@ def power_iteration(model: nn.Module, data: Iterable, *, k: int = 1, iters: int 
     return PowerIterationResult(
         eigenvalues=tuple(lams), eigenvectors=tuple(vecs), iterations=tuple(f[2] + 1 for f in found),
         residuals=tuple(res), converged=ok, param_names=tuple(names), hessian=hessian,
-        n_batches=len(batches), tol=tol, seconds=time.time() - t0)
+        n_batches=n_batches, tol=tol, seconds=time.time() - t0)
 
 
 __all__ = ["power_iteration", "PowerIterationResult", "double_backward_hvp", "hard_activations_decomposed"]

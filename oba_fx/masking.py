@@ -25,6 +25,7 @@ import torch
 import torch.fx
 
 from . import meta as M
+from .batches import module_device
 from .ops import rule_for_node
 from .tracing import clone
 from .spaces import Coupling, TensorSpaces
@@ -85,7 +86,7 @@ def _renormalise(out: torch.fx.GraphModule, node: torch.fx.Node, c: Coupling, re
     if keep.all():
         return False
     name = f"_oba_norm_keep_{k}"
-    out.register_buffer(name, torch.as_tensor(keep, dtype=node.meta[M.TENSOR_META].dtype))
+    out.register_buffer(name, torch.as_tensor(keep, dtype=node.meta[M.TENSOR_META].dtype, device=module_device(out)))
     with out.graph.inserting_before(node):
         keep_node = out.graph.get_attr(name)
         if node.op == "call_module":
@@ -124,7 +125,7 @@ def masked_reference(gm: torch.fx.GraphModule, c: Coupling, removed: np.ndarray)
                 continue
             view = [1] * len(shape)
             view[s.dim] = s.size
-            m = torch.as_tensor(keep, dtype=torch.bool).view(view)
+            m = torch.as_tensor(keep, dtype=torch.bool, device=module_device(out)).view(view)
             mask = m if mask is None else mask & m
         if mask is None:
             continue

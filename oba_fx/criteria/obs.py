@@ -166,8 +166,9 @@ def _layer_costs(L: _Layer, c) -> dict[tuple[str, int], torch.Tensor]:
     d = sigma.shape[0]
     sigma = sigma + RIDGE * float(sigma.diagonal().mean().clamp_min(1e-12)) * torch.eye(d, dtype=sigma.dtype,
                                                                                        device=sigma.device)
-    G = (L.g2 / max(L.grows, 1)) if L.g2 is not None else torch.zeros(_out_features(m), dtype=torch.float64)
     W = m.weight.detach().double().reshape(m.weight.shape[0], -1)
+    G = (L.g2 / max(L.grows, 1)) if L.g2 is not None else torch.zeros(_out_features(m), dtype=torch.float64,
+                                                                       device=W.device)
     k2 = int(np.prod(m.kernel_size)) if isinstance(m, nn.Conv2d) else 1
     scale = 0.5 * L.positions
     if isinstance(m, nn.Conv2d) and m.groups > 1:
@@ -249,11 +250,10 @@ def _grouped_costs(L: _Layer, c, sigma, G, W, k2, scale) -> dict[tuple[str, int]
     if space is None:
         return {}
     g, ipg, opg = m.groups, m.in_channels // m.groups, m.out_channels // m.groups
-    cost = torch.zeros(space.size, dtype=torch.float64)
-    for k in range(g):
-        cols = torch.arange(k * ipg * k2, (k + 1) * ipg * k2, device=W.device)
-        rows = slice(k * opg, (k + 1) * opg)
-        Wk = W[rows]
-        energy = ((Wk @ sigma[cols][:, cols]) * Wk).sum(dim=1)
-        cost[rows] = scale * float((G[rows].to(W.device) * energy).sum()) / opg
-    return {(f"{L.name}.weight", 0): cost}
+    w = ipg * k2
+    k = torch.arange(g, device=W.device)
+    blocks = sigma.reshape(g, w, g, w)[k, :, k, :]                        # (g, w, w): each group's inputs
+    Wg = W.reshape(g, opg, w)
+    energy = torch.einsum("gom,gmn,gon->go", Wg, blocks, Wg)               # all groups at once, on the device
+    per_group = scale * (G.to(W.device).reshape(g, opg) * energy).sum(dim=1) / opg
+    return {(f"{L.name}.weight", 0): per_group.repeat_interleave(opg).cpu()}
