@@ -56,6 +56,12 @@ def test_the_report_and_the_graph_say_specialised_to_the_example_shapes():
     assert out.meta["oba.specialised"] == spec
 
 
+def test_a_multi_step_run_stays_specialised():
+    x = torch.randn(2, 3, 8, 8)
+    out = oba_fx.prune_graph(ShapeBranch(), (x,), target_flops=0.6, steps=2, verbose=False)
+    assert out.meta["oba"]["steps"] == 2 and out.meta["oba"]["specialised"]["input_shapes"] == [[2, 3, 8, 8]]
+
+
 def test_a_traceable_model_is_not_specialised():
     m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     out = oba_fx.prune_graph(m, (torch.randn(2, 4),), channel_ratio=0.3, verbose=False)
