@@ -44,6 +44,9 @@ MERGED = "oba.merged"
 VERIFIED = "oba.verified"
 #: gm.meta on a slimmed graph: whether BatchNorm statistics were re-estimated
 BN_RECALIBRATED = "oba.bn_recalibrated"
+#: gm.meta: ``{"input_shapes", "reason", "at"}`` when the graph was traced with the example input
+#: shapes as constants (shape-driven control flow, see ``oba_fx.shape_tracing``)
+SPECIALISED = "oba.specialised"
 #: gm.meta on the returned model: the report dict (flops, params, kept indices, ...)
 REPORT = "oba"
 
@@ -58,6 +61,7 @@ PRODUCERS = {
     HESSIAN_STRUCTURE: "oba_fx.passes.hessian_structure.HessianStructurePass",
     HVP_PROGRAM: "oba_fx.passes.hvp_codegen.HVPCodegen",
     MERGED: "oba_fx.passes.merge.MergePass",
+    SPECIALISED: "oba_fx.tracing.trace (with example_inputs)",
     VERIFIED: "oba_fx.passes.verify.VerifyPass",
     BN_RECALIBRATED: "oba_fx.passes.bn_recalibration.BNRecalibrationPass",
 }

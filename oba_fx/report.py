@@ -19,6 +19,7 @@ import torch
 import torch.fx
 
 from .ops import FlopCtx, count_flops, rule_for_node, shape_of
+from .meta import SPECIALISED
 from .pictures.common import module_path
 from .select import Selection, Target
 from .spaces import Coupling
@@ -56,6 +57,7 @@ def build_report(gm: torch.fx.GraphModule, out: torch.fx.GraphModule, c: Couplin
         "steps": 1,
         "layers": layer_sizes(gm, out),
         "flops_by_module": flops_by_module(gm, out),
+        "specialised": gm.meta.get(SPECIALISED),
     }
 
 
@@ -154,7 +156,8 @@ def merge_steps(first: dict, last: dict, kept: dict, removed: int, steps: int) -
     r = dict(last)
     heads = {k: [first["heads"].get(k, v)[0], v[1]] for k, v in last["heads"].items()}
     r.update(flops_before=first["flops_before"], params_before=first["params_before"], kept=kept, heads=heads,
-             units_prunable=first["units_prunable"], units_removed=removed, steps=steps)
+             units_prunable=first["units_prunable"], units_removed=removed, steps=steps,
+             specialised=first.get("specialised"))
     if "layers" in first and "layers" in last:
         r["layers"] = {k: [*v[:2], first["layers"].get(k, v)[2], v[3]] for k, v in last["layers"].items()}
         r["flops_by_module"] = {k: [first["flops_by_module"].get(k, v)[0], v[1]]

@@ -13,6 +13,7 @@ import contextlib
 import copy
 import io
 import linecache
+import logging
 import os
 import sys
 import traceback
@@ -25,6 +26,9 @@ import torch.nn as nn
 from . import attention
 from .checks import check_model
 from .errors import BadInputError, TraceError
+from .meta import SPECIALISED
+
+log = logging.getLogger(__name__)
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
@@ -61,8 +65,15 @@ def _user_frame(tb) -> str | None:
 
 
 def trace(model: nn.Module, *, leaf_modules: Iterable[type | str] = (),
-          concrete_args: dict[str, Any] | None = None, lower_attention: bool = True) -> torch.fx.GraphModule:
+          concrete_args: dict[str, Any] | None = None, lower_attention: bool = True,
+          example_inputs: Sequence[Any] | None = None) -> torch.fx.GraphModule:
     """Trace a deep copy of ``model`` (the user's model is never touched).
+
+    When symbolic tracing fails and ``example_inputs`` are given, the model is traced again with
+    :class:`oba_fx.shape_tracing.ShapeTracer`, which answers size questions (``x.shape``,
+    ``x.size(1)``, ``len(x)``) with the example inputs' sizes: shape-driven control flow then
+    traces, and the graph is specialised to those input shapes, which ``gm.meta["oba.specialised"]``
+    records (input shapes, and why symbolic tracing failed).
 
     With ``lower_attention`` every ``nn.MultiheadAttention`` of the copy (unless listed in
     ``leaf_modules``) is traced as :class:`oba_fx.attention.MultiheadAttention` (same parameters,
@@ -72,15 +83,43 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[type | str] = (),
     Raises:
         BadTypeError: ``model`` is not an ``nn.Module``, or is a TorchScript module.
         TraceError: naming the module being traced and the user's source line, with the ways
-            out (leaf modules, ``concrete_args``).
+            out (leaf modules, ``concrete_args``); with ``example_inputs``, the error of the
+            shape-aware attempt (control flow on the data, naming the op).
     """
     check_model(model, "torch.fx tracing", finite=False)
     root = copy.deepcopy(model)
     if isinstance(root, torch.fx.GraphModule):
         gm = torch.fx.GraphModule(root, copy.deepcopy(root.graph))
+        specialised = root.meta.get(SPECIALISED)
         gm.meta.clear()
+        if specialised is not None:  # a graph traced with example shapes stays specialised to them
+            gm.meta[SPECIALISED] = specialised
         return gm
-    tracer = LeafTracer(leaf_modules)
+    try:
+        return _trace_with(LeafTracer(leaf_modules), root, model, concrete_args, lower_attention)
+    except TraceError as e:
+        if example_inputs is None:
+            raise
+        first = e
+    log.info("symbolic tracing failed (%s); tracing again with the example input shapes", first.why)
+    from .shape_tracing import ShapeTracer  # it builds on LeafTracer
+
+    shape_tracer = ShapeTracer(as_tuple(example_inputs), leaf_modules)
+    try:
+        gm = _trace_with(shape_tracer, copy.deepcopy(model), model, concrete_args, lower_attention)
+    except TraceError as e:
+        raise TraceError(e.where, f"{e.why} (tracing again with the example input shapes did not help; "
+                         f"plain symbolic tracing said: {first.why})", e.line) from e
+    gm.meta[SPECIALISED] = specialisation(example_inputs, first)
+    log.warning("%s is traced specialised to input shapes %s (shape-driven control flow at %s); the pruned "
+                "model expects inputs of these shapes", type(model).__name__,
+                gm.meta[SPECIALISED]["input_shapes"], first.line or first.where)
+    return gm
+
+
+def _trace_with(tracer: torch.fx.Tracer, root: nn.Module, model: nn.Module, concrete_args: dict | None,
+                lower_attention: bool) -> torch.fx.GraphModule:
+    """``tracer`` on ``root`` (a copy of ``model``); failures as :class:`TraceError`."""
     lowered = attention.lower_attention(root, tracer.leaf_names, tracer.leaf_types) if lower_attention else []
     try:
         graph = tracer.trace(root, concrete_args=concrete_args)
@@ -88,10 +127,22 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[type | str] = (),
         stack = list(getattr(tracer, "module_stack", {}) or {})
         where = f"module {stack[-1]!r}" if stack and stack[-1] else f"model {type(model).__name__}"
         raise TraceError(where, f"{type(e).__name__}: {e}", _user_frame(e.__traceback__)) from e
-    name = type(root).__name__
-    gm = torch.fx.GraphModule(tracer.root, graph, name)
+    gm = torch.fx.GraphModule(tracer.root, graph, type(root).__name__)
     attention.drop_dead_code(gm, lowered)
     return gm
+
+
+def specialisation(example_inputs: Any, error: TraceError) -> dict:
+    """The ``gm.meta["oba.specialised"]`` record: the input shapes the graph is specialised to and
+    why symbolic tracing failed.
+
+    Example:
+        >>> import torch
+        >>> specialisation((torch.zeros(1, 3),), TraceError("model M", "TraceError: control flow", "m.py:3: if"))
+        {'input_shapes': [[1, 3]], 'reason': 'TraceError: control flow', 'at': 'm.py:3: if'}
+    """
+    shapes = [list(x.shape) if isinstance(x, torch.Tensor) else None for x in as_tuple(example_inputs)]
+    return {"input_shapes": shapes, "reason": error.why, "at": error.line or error.where}
 
 
 def as_tuple(example_inputs: Any) -> tuple:

@@ -93,7 +93,7 @@ def analyze_model(model: torch.nn.Module, example_inputs: Sequence[Any], *, leaf
                   norm_width: bool = False) -> torch.fx.GraphModule:
     """Trace a copy of ``model``, propagate shapes, compute the coupling and the Hessian block
     structure."""
-    gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args, example_inputs=example_inputs)
     check_inputs(gm, example_inputs)
     try:
         ShapePropPass(example_inputs)(gm)
@@ -102,7 +102,8 @@ def analyze_model(model: torch.nn.Module, example_inputs: Sequence[Any], *, leaf
             raise
         log.warning("the traced nn.MultiheadAttention stand-in does not run on these inputs (%s: %s); "
                     "tracing again with nn.MultiheadAttention kept whole (its heads stay)", type(e).__name__, e)
-        gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args, lower_attention=False)
+        gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args, lower_attention=False,
+                   example_inputs=example_inputs)
         ShapePropPass(example_inputs)(gm)
     CouplingPass(frozen_modules, norm_width)(gm)
     HessianStructurePass()(gm)
@@ -139,6 +140,8 @@ def prune(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], scores: Mappi
         n.meta.pop(M.SPACES, None)
     out.meta[M.REPORT] = build_report(gm, out, c, sel, target, err)
     out.meta[M.REPORT]["compensation"] = compensation_summary(comp)
+    if M.SPECIALISED in gm.meta:
+        out.meta[M.SPECIALISED] = gm.meta[M.SPECIALISED]
     if merge is not None:
         out.meta[M.REPORT]["merge"] = gm.meta[M.MERGED].summary()
     return out
