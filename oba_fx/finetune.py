@@ -84,7 +84,9 @@ import itertools
 import logging
 import math
 import os
+import sys
 import time
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -797,3 +799,18 @@ def _restore(ckpt: Mapping[str, Any], path: Path, model: nn.Module, optimizer: t
     if ckpt.get("world", 1) != world():
         logger.info("%s was written by %d rank(s); resuming on %d", path, ckpt.get("world", 1), world())
     return int(ckpt["epoch"]), step, ckpt.get("tally"), ckpt.get("epoch_rng")
+
+
+class _CallableModule(types.ModuleType):
+    """This module, callable as :func:`finetune`.
+
+    ``oba_fx.finetune`` is the public function, but once anything imports the submodule
+    ``oba_fx.finetune`` Python binds that name on the package to the module. Making the module
+    callable keeps ``oba_fx.finetune(model, loader, epochs=1)`` working either way.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> FinetuneResult:
+        return finetune(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
