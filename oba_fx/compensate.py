@@ -258,7 +258,7 @@ def retarget(gm: torch.fx.GraphModule, layers: list[_Layer], reference: torch.fx
         >>> layers, _ = find_layers(small, c, np.zeros(c.n_units, bool), "all")
         >>> out, skipped = retarget(small, layers, big, {"0.weight": [0, 2, 3, 5]})
         >>> [(l.ref_node, l.target_out.tolist()) for l in out], skipped
-        [('_0', [0, 2, 3, 5]), ('_1', [0, 1])]
+        ([('_0', [0, 2, 3, 5]), ('_1', [0, 1])], [])
     """
     where: dict[str, list[str]] = {}
     for n in reference.graph.nodes:
