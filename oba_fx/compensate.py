@@ -253,7 +253,8 @@ def retarget(gm: torch.fx.GraphModule, layers: list[_Layer], reference: torch.fx
         >>> import torch
         >>> from oba_fx.passes.pipeline import analyze_model
         >>> big = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.Linear(6, 2)))
-        >>> small = analyze_model(torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)), (torch.randn(1, 3),))
+        >>> small = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+        >>> small = analyze_model(small, (torch.randn(1, 3),))
         >>> c = small.meta["oba.coupling"]
         >>> layers, _ = find_layers(small, c, np.zeros(c.n_units, bool), "all")
         >>> out, skipped = retarget(small, layers, big, {"0.weight": [0, 2, 3, 5]})
@@ -275,13 +276,14 @@ def retarget(gm: torch.fx.GraphModule, layers: list[_Layer], reference: torch.fx
             skipped.append(Skipped(layer.node, why))
             continue
         n_ref, n_cur = int(_get(reference, layer.weight).shape[0]), int(_get(gm, layer.weight).shape[0])
-        idx = reference_outputs.get(layer.weight)
-        idx = np.arange(n_cur) if idx is None else np.asarray(idx, dtype=np.int64)
-        if idx.size != n_cur or (idx.size and not 0 <= idx.min() <= idx.max() < n_ref):
+        given = reference_outputs.get(layer.weight)
+        idx = np.arange(n_cur) if given is None else np.asarray(given, dtype=np.int64)
+        in_range = idx.size == 0 or 0 <= idx.min() <= idx.max() < n_ref
+        if (given is None and n_cur != n_ref) or idx.size != n_cur or not in_range:
             raise BadInputError(
                 f"compensation: layer {layer.node} ({layer.weight}) has {n_cur} outputs and its reference layer "
-                f"{n_ref}; reference_outputs[{layer.weight!r}] must give, for each of the {n_cur}, the reference output "
-                f"channel it was (got {idx.size} indices)")
+                f"{n_ref}; reference_outputs[{layer.weight!r}] must give, for each of the {n_cur}, the reference "
+                f"output channel it was (got {idx.size} indices)")
         out.append(replace(layer, ref_node=nodes[0], ref_out=idx[layer.kept_out]))
     return out, skipped
 

@@ -183,8 +183,9 @@ def run(model: torch.nn.Module, example_inputs: Sequence[Any], config: PruneConf
     With ``config.steps > 1``, each step analyses the current network, rescores it, removes the
     units the exponential schedule allows (stopping as soon as the FLOPs / parameter target is
     met), compensates (toward the original dense network's layer outputs unless
-    ``compensation["toward"] == "previous"``), slims and verifies (``docs/design.md`` "Schedule"). Then BatchNorm statistics are
-    re-estimated on the calibration inputs when ``config.bn_recalibration`` and data are given.
+    ``compensation["toward"] == "previous"``), slims and verifies (``docs/design.md``
+    "Schedule"). Then BatchNorm statistics are re-estimated on the calibration inputs when
+    ``config.bn_recalibration`` and data are given.
     """
     out = _steps(model, example_inputs, config) if config.steps > 1 else prune_step(
         analyze_model(model, example_inputs, **config.analysis), example_inputs, config)

@@ -113,5 +113,33 @@ def test_user_model_is_unchanged_by_a_two_step_run():
 
 def test_unknown_toward_is_a_bad_input():
     with pytest.raises(BadInputError, match="toward"):
-        oba_fx.prune_graph(_mlp(), _inputs()[:2], criterion="l1", channel_ratio=0.5, data=[(_inputs(), None)], compensate={"toward": "sideways"},
-                           verbose=False)
+        oba_fx.prune_graph(_mlp(), _inputs()[:2], criterion="l1", channel_ratio=0.5, data=[(_inputs(), None)],
+                           compensate={"toward": "sideways"}, verbose=False)
+
+
+def test_a_slimmed_layer_without_its_reference_channels_is_a_bad_input():
+    import numpy as np
+
+    from oba_fx.compensate import compensate
+    from oba_fx.passes.pipeline import analyze_model
+
+    big = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(3, 6), nn.Linear(6, 2)))
+    small = analyze_model(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)), (torch.randn(1, 3),))
+    c = small.meta["oba.coupling"]
+    with pytest.raises(BadInputError, match=r"0\.weight.*4 outputs.*reference_outputs"):
+        compensate(small, c, np.zeros(c.n_units, bool), [(torch.randn(8, 3), None)], scope="all", reference=big,
+                   progress=False)
+
+
+def test_conv_network_with_batchnorm_two_steps_toward_dense_finds_every_layer_in_the_dense_graph():
+    from _oracle import randomize
+    from test_compensate import Residual
+
+    torch.manual_seed(0)
+    net = randomize(Residual()).eval()
+    data = [(torch.randn(16, 3, 8, 8), None) for _ in range(2)]
+    out = oba_fx.prune_graph(net, torch.randn(2, 3, 8, 8), criterion="l1", channel_ratio=0.5, steps=2, data=data,
+                             keep_residual=False, verbose=False)
+    r = out.meta["oba"]
+    assert r["steps"] == 2 and r["max_rel_error"] <= 1e-4
+    assert r["compensation"]["layers_refit"] == 6 and r["compensation"]["layers_skipped"] == []
