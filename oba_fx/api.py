@@ -107,7 +107,9 @@ def prune_graph(model: nn.Module, example_inputs: Any, *, criterion: str = "l1",
             least squares on the inputs of ``data`` so that its output matches the dense network's
             (:mod:`oba_fx.compensate`; needs ``data``). ``None`` (default): on whenever ``data`` is
             given; a dict passes options (``scope``, ``positions``, ``ridge``) to
-            :class:`oba_fx.passes.compensate.CompensatePass`.
+            :class:`oba_fx.passes.compensate.CompensatePass`, and ``toward``: with ``steps > 1``,
+            ``"dense"`` (default) fits every step to the original network's layer outputs,
+            ``"previous"`` to the network the step starts from.
         bn_recalibration: after pruning, re-estimate BatchNorm running statistics on the
             inputs of ``data`` (no labels used; skipped without ``data``). ``None`` (default):
             only when no compensation ran (recalibrating after the re-fit undoes it: on the
@@ -127,7 +129,9 @@ def prune_graph(model: nn.Module, example_inputs: Any, *, criterion: str = "l1",
         ranking: how unit scores are compared across coupling groups: ``"group_max"`` (the OBA
             paper's rule: each group's scores divided by its maximum), ``"per_flop"`` (score
             divided by the FLOPs the unit's removal saves: a loss change per FLOP) or
-            ``"global"`` (as they are); ``None``: the criterion's own (``"global"`` for
+            ``"global"`` (as they are), or ``"curvature"`` (each layer's removal fraction from its
+            share of the scores, flat layers losing more: CAMP-HiVe's adaptive thresholds,
+            :func:`oba_fx.select.curvature_keys`); ``None``: the criterion's own (``"global"`` for
             ``"obs"``), else ``"group_max"``.
         keep_residual: never remove channels that several layers write and add up (a residual
             stream: :func:`oba_fx.select.summed_units`); only the channels inside residual

@@ -361,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="pruning criterion (default l1): " + "; ".join(
                         f"{c.name}: {c.description}" + (" [needs data]" if c.needs_data else "")
                         for c in REGISTRY.values()))
-    pr.add_argument("--ranking", default=None, choices=["group_max", "per_flop", "global"],
+    pr.add_argument("--ranking", default=None, choices=["group_max", "per_flop", "global", "curvature"],
                     help="how unit scores compare across layers (default: the criterion's own, else group_max)")
     pr.add_argument("--no-compensate", dest="compensate", action="store_false",
                     help="do not re-fit the layers that read removed channels (least squares on the calibration "

@@ -44,8 +44,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
-from typing import Any, Iterable
+from dataclasses import dataclass, replace
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -141,6 +141,13 @@ class _Layer:
     kept_in: np.ndarray
     n_in: int
     kept_out: np.ndarray
+    ref_node: str = ""  # the same layer's node in the reference network ("": ``node``)
+    ref_out: np.ndarray | None = None  # the reference's output channels matching ``kept_out`` (None: the same)
+
+    @property
+    def target_out(self) -> np.ndarray:
+        """The output channels of the reference layer that the kept outputs are fit to."""
+        return self.kept_out if self.ref_out is None else self.ref_out
 
 
 # ------------------------------------------------------------------------------ which layers
@@ -169,6 +176,28 @@ def _conv_problem(m: nn.Module) -> str | None:
     return None
 
 
+def _as_layer(gm: torch.fx.GraphModule, n: torch.fx.Node) -> tuple | None:
+    """``(weight, bias or None, kind, key, module or None)`` of a conv / linear call, else ``None``.
+
+    ``key`` names what a shared use would share (the module, or the weight tensor of an
+    ``F.linear`` on ``get_attr`` weights)."""
+    if n.op == "call_module":
+        m = gm.get_submodule(n.target)
+        if not isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
+            return None
+        b = f"{n.target}.bias" if getattr(m, "bias", None) is not None else None
+        return f"{n.target}.weight", b, ("linear" if isinstance(m, nn.Linear) else "conv"), n.target, m
+    if n.op == "call_function" and n.target is F.linear:
+        wn = n.args[1] if len(n.args) > 1 else n.kwargs.get("weight")
+        bn = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
+        if not (isinstance(wn, torch.fx.Node) and wn.op == "get_attr"):
+            return None
+        if bn is not None and not (isinstance(bn, torch.fx.Node) and bn.op == "get_attr"):
+            return None
+        return wn.target, bn.target if bn is not None else None, "linear", wn.target, None
+    return None
+
+
 def find_layers(gm: torch.fx.GraphModule, c: Coupling, removed: np.ndarray, scope: str = "removed"
                 ) -> tuple[list[_Layer], list[Skipped]]:
     """The layers to re-fit, in graph order, and the ones that qualify but cannot be handled.
@@ -185,24 +214,11 @@ def find_layers(gm: torch.fx.GraphModule, c: Coupling, removed: np.ndarray, scop
             uses[n.target] = uses.get(n.target, 0) + 1
     layers, skipped = [], []
     for n in gm.graph.nodes:
-        if n.op == "call_module":
-            m = gm.get_submodule(n.target)
-            if not isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
-                continue
-            w = f"{n.target}.weight"
-            b = f"{n.target}.bias" if getattr(m, "bias", None) is not None else None
-            kind, key, mod = ("linear" if isinstance(m, nn.Linear) else "conv"), n.target, m
-            problem = _conv_problem(m) if kind == "conv" else None
-        elif n.op == "call_function" and n.target is F.linear:
-            wn = n.args[1] if len(n.args) > 1 else n.kwargs.get("weight")
-            bn = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
-            if not (isinstance(wn, torch.fx.Node) and wn.op == "get_attr"):
-                continue
-            if bn is not None and not (isinstance(bn, torch.fx.Node) and bn.op == "get_attr"):
-                continue
-            w, b, kind, key, mod, problem = wn.target, bn.target if bn is not None else None, "linear", wn.target, None, None
-        else:
+        hit = _as_layer(gm, n)
+        if hit is None:
             continue
+        w, b, kind, key, mod = hit
+        problem = _conv_problem(mod) if kind == "conv" else None
         weight = _get(gm, w)
         kept_in = _kept(c, removed, w, 1, weight.shape[1])
         kept_out = _kept(c, removed, w, 0, weight.shape[0])
@@ -222,14 +238,65 @@ def find_layers(gm: torch.fx.GraphModule, c: Coupling, removed: np.ndarray, scop
     return layers, skipped
 
 
+def retarget(gm: torch.fx.GraphModule, layers: list[_Layer], reference: torch.fx.GraphModule,
+             reference_outputs: Mapping[str, Sequence[int]] | None = None) -> tuple[list[_Layer], list[Skipped]]:
+    """Point every layer at the layer of ``reference`` with the same weight name, and at the
+    reference output channels its kept outputs are.
+
+    A layer is found by its weight's qualified name (slimming keeps module and parameter
+    names). ``reference_outputs[weight]`` gives, for each output channel of ``gm``'s layer, the
+    output channel of the reference layer it was (the kept indices of earlier pruning steps);
+    a layer not listed must have as many outputs as its reference. A layer that ``reference``
+    does not hold exactly once is skipped with the reason.
+
+    Example:
+        >>> import torch
+        >>> from oba_fx.passes.pipeline import analyze_model
+        >>> big = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.Linear(6, 2)))
+        >>> small = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+        >>> small = analyze_model(small, (torch.randn(1, 3),))
+        >>> c = small.meta["oba.coupling"]
+        >>> layers, _ = find_layers(small, c, np.zeros(c.n_units, bool), "all")
+        >>> out, skipped = retarget(small, layers, big, {"0.weight": [0, 2, 3, 5]})
+        >>> [(l.ref_node, l.target_out.tolist()) for l in out], skipped
+        ([('_0', [0, 2, 3, 5]), ('_1', [0, 1])], [])
+    """
+    where: dict[str, list[str]] = {}
+    for n in reference.graph.nodes:
+        hit = _as_layer(reference, n)
+        if hit is not None:
+            where.setdefault(hit[0], []).append(n.name)
+    reference_outputs = reference_outputs or {}
+    out, skipped = [], []
+    for layer in layers:
+        nodes = where.get(layer.weight, [])
+        if len(nodes) != 1:
+            why = f"the reference network has {len(nodes)} layers with the weight {layer.weight!r} (expected one)"
+            log.warning("compensation skips %s: %s", layer.node, why)
+            skipped.append(Skipped(layer.node, why))
+            continue
+        n_ref, n_cur = int(_get(reference, layer.weight).shape[0]), int(_get(gm, layer.weight).shape[0])
+        given = reference_outputs.get(layer.weight)
+        idx = np.arange(n_cur) if given is None else np.asarray(given, dtype=np.int64)
+        in_range = idx.size == 0 or 0 <= idx.min() <= idx.max() < n_ref
+        if (given is None and n_cur != n_ref) or idx.size != n_cur or not in_range:
+            raise BadInputError(
+                f"compensation: layer {layer.node} ({layer.weight}) has {n_cur} outputs and its reference layer "
+                f"{n_ref}; reference_outputs[{layer.weight!r}] must give, for each of the {n_cur}, the reference "
+                f"output channel it was (got {idx.size} indices)")
+        out.append(replace(layer, ref_node=nodes[0], ref_out=idx[layer.kept_out]))
+    return out, skipped
+
+
 # ------------------------------------------------------------------------------ least squares
 def design_rows(layer: _Layer, x: torch.Tensor, y: torch.Tensor, positions: int | None,
                 gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """``(X, Y)`` rows of one batch: kept input columns (conv: unfolded patches, channel-major
-    like the weight) and kept output channels, at the sampled positions (conv) or every row."""
+    like the weight) and the target's channels matching the kept outputs (``y`` is the
+    reference layer's output), at the sampled positions (conv) or every row."""
     if layer.kind == "linear":
         X = x.reshape(-1, x.shape[-1])[:, torch.as_tensor(layer.kept_in, device=x.device)]
-        Y = y.reshape(-1, y.shape[-1])[:, torch.as_tensor(layer.kept_out, device=y.device)]
+        Y = y.reshape(-1, y.shape[-1])[:, torch.as_tensor(layer.target_out, device=y.device)]
         return X, Y
     m = layer.module
     k, d, s = tuple(m.kernel_size), tuple(m.dilation), tuple(m.stride)
@@ -247,7 +314,7 @@ def design_rows(layer: _Layer, x: torch.Tensor, y: torch.Tensor, positions: int 
     kk = int(np.prod(k))
     ci = torch.as_tensor((layer.kept_in[:, None] * kk + np.arange(kk)).ravel(), device=x.device)
     X = cols[:, ci].transpose(1, 2).reshape(-1, ci.numel())
-    Y = y[:, torch.as_tensor(layer.kept_out, device=y.device)].transpose(1, 2).reshape(-1, layer.kept_out.size)
+    Y = y[:, torch.as_tensor(layer.target_out, device=y.device)].transpose(1, 2).reshape(-1, layer.kept_out.size)
     return X, Y
 
 
@@ -394,7 +461,8 @@ def _fit(layer: _Layer, root: nn.Module, xs: list, ys: list, positions: int | No
 def compensate(gm: torch.fx.GraphModule, c: Coupling, removed: np.ndarray, data: Iterable, *,
                max_batches: int | None = None, positions: int | None = 96, ridge: float = 1e-3,
                scope: str = "removed", seed: int = 0, progress: bool = True,
-               reference: torch.fx.GraphModule | None = None) -> Compensation:
+               reference: torch.fx.GraphModule | None = None,
+               reference_outputs: Mapping[str, Sequence[int]] | None = None) -> Compensation:
     """Re-fit, in place in ``gm``, the kept weights of every layer that reads removed units.
 
     Args:
@@ -408,15 +476,21 @@ def compensate(gm: torch.fx.GraphModule, c: Coupling, removed: np.ndarray, data:
         scope: ``"removed"``: layers reading removed units; ``"all"``: every conv / linear layer.
         seed: seed of the position sampling.
         progress: show a progress bar over the layers.
-        reference: the dense network whose layer outputs are the targets, a graph with the same
-            node names (default: ``gm`` as it is on entry). Lets a caller change ``gm`` first
-            (e.g. re-estimate its BatchNorm statistics) and still fit to the original network.
+        reference: the dense network whose layer outputs are the targets (default: ``gm`` as it
+            is on entry); its layers are found by weight name (:func:`retarget`). Lets a caller
+            change ``gm`` first (e.g. re-estimate its BatchNorm statistics, or an earlier pruning
+            step) and still fit to the original network.
+        reference_outputs: ``{weight name: the reference output channel of each of gm's output
+            channels}`` for layers that an earlier step already slimmed (see :func:`retarget`).
 
     Returns:
         The :class:`Compensation` record.
     """
     t0 = time.perf_counter()
     layers, skipped = find_layers(gm, c, removed, scope)
+    if reference is not None:
+        layers, lost = retarget(gm, layers, reference, reference_outputs)
+        skipped += lost
     inputs, index = _batches(data, max_batches)
     images = int(sum_number(sum(int(_flat(x)[0].shape[0]) for x in inputs if _flat(x))))
     masked = masked_reference(gm, c, removed)
@@ -432,21 +506,29 @@ def compensate(gm: torch.fx.GraphModule, c: Coupling, removed: np.ndarray, data:
             if layer is not None:
                 gens = [torch.Generator().manual_seed(seed * 1_000_003 + len(fits) * 10_007 + i) for i in index]
                 fits.append(_fit(layer, masked, pruned.values(node.args[0]),
-                                 dense.values(dense.until(node.name)), positions, ridge, gens))
+                                 dense.values(dense.until(layer.ref_node or node.name)), positions, ridge, gens))
                 bar.update(1)
             assert pruned.step() is node
         out_p, out_d = pruned.finish(), dense.finish()
     bar.close()
-    num = sum_number(float(sum((a.double() - b.double()).square().sum() for o, d in zip(out_p, out_d)
-                               for a, b in zip(_flat(o), _flat(d)))))  # summed on the device, read once
-    den = sum_number(float(sum(b.double().square().sum() for d in out_d for b in _flat(d))))
     for layer in layers:  # the user's copy gets the re-fit weights
         for name in (layer.weight, layer.bias):
             if name is not None:
                 with torch.no_grad():
                     _get(gm, name).copy_(_get(masked, name))
     rec = Compensation(tuple(fits), tuple(skipped), images, int(sum_number(len(inputs))), positions, ridge, seed, scope,
-                       float(np.sqrt(num / den)) if den > 0 else 0.0, time.perf_counter() - t0)
+                       _output_error(out_p, out_d), time.perf_counter() - t0)
     log.info("compensation: re-fit %d layers (%d skipped) on %d images in %.1f s; output error vs dense %.3g",
              len(fits), len(skipped), images, rec.seconds, rec.output_rel_error)
     return rec
+
+
+def _output_error(out_p: list, out_d: list) -> float:
+    """``‖pruned − dense‖ / ‖dense‖`` over every output tensor; ``nan`` when the shapes differ
+    (an output whose channels an earlier step removed, compared with the dense network's)."""
+    pairs = [(a.double(), b.double()) for o, d in zip(out_p, out_d) for a, b in zip(_flat(o), _flat(d))]
+    if any(a.shape != b.shape for a, b in pairs):
+        return float("nan")
+    num = sum_number(float(sum((a - b).square().sum() for a, b in pairs)))  # summed on the device, read once
+    den = sum_number(float(sum(b.square().sum() for _, b in pairs)))
+    return float(np.sqrt(num / den)) if den > 0 else 0.0

@@ -26,6 +26,10 @@ from oba_fx.errors import BadInputError
 
 log = logging.getLogger(__name__)
 
+#: exponent ``β`` of ``ranking="curvature"``: a group's removal fraction scales as its relative
+#: flatness ``(mean density / its density)^β`` (as :func:`oba_fx.unstructured.adaptive_fractions`)
+CURVATURE_BETA = 0.5
+
 
 @dataclass(frozen=True)
 class Selection:
@@ -45,7 +49,7 @@ class Selection:
 
 
 #: how unit scores are made comparable across groups before the global ranking
-RANKINGS = ("group_max", "per_flop", "global")
+RANKINGS = ("group_max", "per_flop", "global", "curvature")
 
 
 def unit_scores(c: Coupling, param_scores: Mapping[str, torch.Tensor], ranking: str = "group_max",
@@ -61,7 +65,8 @@ def unit_scores(c: Coupling, param_scores: Mapping[str, torch.Tensor], ranking: 
     saves, :func:`unit_flops`): loss change per FLOP, so that cheap units of heterogeneous groups
     (DenseNet growth channels, heads vs MLP neurons) are neither starved nor emptied; with
     ``"global"`` not at all (scores that already estimate the loss change, comparable across
-    groups).
+    groups); with ``"curvature"`` they become removal keys that give each group a removal
+    fraction from its share of the scores (:func:`curvature_keys`).
     """
     if ranking not in RANKINGS:
         raise BadInputError(f"unknown ranking {ranking!r}; expected one of {RANKINGS}")
@@ -76,11 +81,51 @@ def unit_scores(c: Coupling, param_scores: Mapping[str, torch.Tensor], ranking: 
             raise BadInputError("ranking='per_flop' needs unit_cost (the FLOPs each unit's removal saves)")
         cost = np.asarray(unit_cost, dtype=np.float64)[ok]
         out[ok] = out[ok] / np.maximum(cost, 1.0)
+    elif ranking == "curvature":
+        out = curvature_keys(c.group, out)
     elif ranking == "group_max":
         gmax = np.zeros(c.n_groups)
         np.maximum.at(gmax, c.group[ok], out[ok])
         denom = gmax[c.group[ok]]
         out[ok] = np.where(denom > 0, out[ok] / np.where(denom > 0, denom, 1), 0.0)
+    return out
+
+
+def curvature_keys(group: np.ndarray, scores: np.ndarray, beta: float = CURVATURE_BETA) -> np.ndarray:
+    """Removal keys that share the removals out among groups by their density of score
+    (``ranking="curvature"``: CAMP-HiVe's curvature-adaptive per-layer thresholds, structured).
+
+    A group's share is the sum of its units' scores (for ``"camp"``, the λ-weighted eigenvector
+    importance: its part of the dominant curvature), its density ``d_g`` that share per unit and
+    ``r_g = (d̄ / d_g)^β`` its relative flatness (``d̄`` the density over all ranked units). The
+    ``k``-th lowest-scored of a group's ``n_g`` units gets the key ``(k / n_g) / r_g``, so that
+    removing all units under a key ``a`` removes the fraction ``≈ a · r_g`` of every group: flat
+    groups lose more, sharp ones less, in proportion. The removal order, the caps
+    (``max_layer_ratio``, ``min_channels``) and the search for the FLOPs / parameter target are
+    then those of every ranking (:func:`select`), so the target is met as exactly; a multi-step
+    run rescores, hence re-estimates the shares, at every step.
+
+    ``nan`` scores (units not ranked) stay ``nan``; a group whose scores sum to zero gets keys
+    in ``(0, 1e-12]`` (removed first, in its own order).
+
+    Example:
+        >>> keys = curvature_keys(np.array([0, 0, 1, 1]), np.array([4.0, 4.0, 1.0, 1.0]), beta=1.0)
+        >>> keys.round(3).tolist()   # group 0 is 4x denser: its units come later
+        [0.8, 1.6, 0.2, 0.4]
+    """
+    out = np.full(scores.shape, np.nan)
+    ok = ~np.isnan(scores)
+    if not ok.any():
+        return out
+    mean_density = float(scores[ok].sum()) / int(ok.sum())
+    for g in np.unique(group[ok]):
+        units = np.nonzero(ok & (group == g))[0]
+        s = scores[units]
+        density = float(s.sum()) / units.size
+        flat = (mean_density / density) ** beta if density > 0 else 0.0
+        frac = np.empty(units.size)
+        frac[np.argsort(s, kind="stable")] = np.arange(1, units.size + 1) / units.size
+        out[units] = frac / flat if flat > 0 else frac * 1e-12
     return out
 
 
@@ -346,9 +391,12 @@ def select(gm: torch.fx.GraphModule, c: Coupling, scores: Mapping[str, torch.Ten
     from .ops import count_flops, new_shape
 
     cost = unit_flops(gm, c) if target.ranking == "per_flop" else None
-    us = unit_scores(c, scores, target.ranking, cost)
+    curvature = target.ranking == "curvature"  # keys from the ranked units only: the kept residual streams are not
+    us = unit_scores(c, scores, "global" if curvature else target.ranking, cost)
     if target.keep_summed:
         us[summed_units(gm, c)] = np.nan
+    if curvature:
+        us = curvature_keys(c.group, us)
     sizes = np.array([s.size for s in c.spaces], dtype=np.int64)
     order = order_with_caps(us, unit_space_counts(c), sizes, np.full(len(sizes), target.max_layer_ratio),
                             target.min_channels)

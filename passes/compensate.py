@@ -23,7 +23,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Mapping, Sequence
 
 import torch.fx
 from torch.fx.passes.infra.pass_base import PassResult
@@ -38,6 +38,10 @@ class CompensatePass(OBAPass):
     """Re-fit every layer reading removed units by ridge least squares on ``data``
     (:func:`oba_fx.compensate.compensate`, whose arguments these are).
 
+    ``reference`` (the dense network) and ``reference_outputs`` (its output channel of each
+    output channel of an already slimmed layer) make a later pruning step fit the original
+    network's layer outputs rather than those of ``gm`` as it is.
+
     Reads ``gm.meta["oba.coupling"]`` and ``gm.meta["oba.selection"]``; updates ``gm``'s
     parameters in place; writes :class:`oba_fx.compensate.Compensation`.
     """
@@ -46,11 +50,13 @@ class CompensatePass(OBAPass):
     ENSURES = (M.COMPENSATION,)
 
     def __init__(self, data: Iterable, *, max_batches: int | None = None, positions: int | None = 96,
-                 ridge: float = 1e-3, scope: str = "removed", seed: int = 0, progress: bool = True) -> None:
+                 ridge: float = 1e-3, scope: str = "removed", seed: int = 0, progress: bool = True,
+                 reference: torch.fx.GraphModule | None = None,
+                 reference_outputs: Mapping[str, Sequence[int]] | None = None) -> None:
         super().__init__()
         self.data = data
         self.kw = dict(max_batches=max_batches, positions=positions, ridge=ridge, scope=scope, seed=seed,
-                       progress=progress)
+                       progress=progress, reference=reference, reference_outputs=reference_outputs)
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         rec = compensate(gm, gm.meta[M.COUPLING], gm.meta[M.SELECTION].removed, self.data, **self.kw)

@@ -27,12 +27,13 @@ from tqdm.auto import tqdm
 
 from oba_fx import meta as M
 from oba_fx.attention import has_lowered_attention
+from oba_fx.errors import BadInputError
 from oba_fx.masking import masked_reference
 from oba_fx.ops import count_flops
 from oba_fx.report import build_report, compensation_summary, compose_kept, merge_steps
 from oba_fx.schedule import channel_ceiling, exponential_schedule, units_this_step
 from oba_fx.select import Target
-from oba_fx.tracing import check_inputs, trace
+from oba_fx.tracing import check_inputs, clone, trace
 
 from .bn_recalibration import BNRecalibrationPass
 from .compensate import CompensatePass
@@ -64,7 +65,10 @@ class PruneConfig:
         rtol: that check's tolerance, relative to the largest output magnitude.
         compensation: options of :class:`~oba_fx.passes.compensate.CompensatePass` (``scope``,
             ``positions``, ``ridge``...) to re-fit, after each selection, the layers reading
-            removed units on ``data``; ``None``: no compensation.
+            removed units on ``data``; ``None``: no compensation. With ``steps > 1``, the option
+            ``toward`` says what every step fits to: ``"dense"`` (default) the original network's
+            layer outputs, ``"previous"`` those of the network the step starts from (the
+            previous step's pruned and re-fit one).
         bn_recalibration: re-estimate BatchNorm statistics on ``data`` at the end.
         progress: progress bars.
         analysis: options of :func:`analyze_model` (``leaf_modules``, ``concrete_args``,
@@ -86,6 +90,15 @@ class PruneConfig:
     progress: bool = True
     analysis: Mapping[str, Any] = field(default_factory=dict)
     merge: tuple[str, float] | None = None
+
+    def __post_init__(self) -> None:
+        toward = (self.compensation or {}).get("toward", "dense")
+        if toward not in TOWARDS:
+            raise BadInputError(f"compensation toward must be one of {TOWARDS}, got {toward!r}")
+
+
+#: what compensation fits to in a multi-step run (``PruneConfig.compensation["toward"]``)
+TOWARDS = ("dense", "previous")
 
 
 def analyze_model(model: torch.nn.Module, example_inputs: Sequence[Any], *, leaf_modules: Iterable = (),
@@ -148,14 +161,21 @@ def prune(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], scores: Mappi
 
 
 def prune_step(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], config: PruneConfig, *,
-               max_units: int | None = None, absolute: float | None = None) -> torch.fx.GraphModule:
-    """One step on an analysed graph: score with the configured criterion, then :func:`prune`."""
+               max_units: int | None = None, absolute: float | None = None,
+               reference: torch.fx.GraphModule | None = None,
+               reference_outputs: Mapping[str, Sequence[int]] | None = None) -> torch.fx.GraphModule:
+    """One step on an analysed graph: score with the configured criterion, then :func:`prune`.
+
+    ``reference`` / ``reference_outputs``: the dense network and, per slimmed layer, its output
+    channels that ``gm``'s are (:func:`oba_fx.compensate.retarget`), for compensation toward
+    the original network; ``None``: toward ``gm`` as it is."""
     ScorePass(config.criterion, config.data, max_batches=config.max_batches, progress=config.progress,
               **config.score_options)(gm)
     comp = None
     if config.compensation is not None and config.data is not None:
+        opts = {k: v for k, v in config.compensation.items() if k != "toward"}
         comp = CompensatePass(config.data, max_batches=config.max_batches, progress=config.progress,
-                              **config.compensation)
+                              reference=reference, reference_outputs=reference_outputs, **opts)
     return prune(gm, example_inputs, None, config.target, verify=config.verify, rtol=config.rtol,
                  max_units=max_units, absolute=absolute, compensate=comp, merge=config.merge)
 
@@ -165,8 +185,10 @@ def run(model: torch.nn.Module, example_inputs: Sequence[Any], config: PruneConf
 
     With ``config.steps > 1``, each step analyses the current network, rescores it, removes the
     units the exponential schedule allows (stopping as soon as the FLOPs / parameter target is
-    met), slims and verifies (``docs/design.md`` "Schedule"). Then BatchNorm statistics are
-    re-estimated on the calibration inputs when ``config.bn_recalibration`` and data are given.
+    met), compensates (toward the original dense network's layer outputs unless
+    ``compensation["toward"] == "previous"``), slims and verifies (``docs/design.md``
+    "Schedule"). Then BatchNorm statistics are re-estimated on the calibration inputs when
+    ``config.bn_recalibration`` and data are given.
     """
     out = _steps(model, example_inputs, config) if config.steps > 1 else prune_step(
         analyze_model(model, example_inputs, **config.analysis), example_inputs, config)
@@ -187,6 +209,9 @@ def _steps(model: torch.nn.Module, example_inputs: Sequence[Any], config: PruneC
     p = target.value if target.kind == "channels" else channel_ceiling(target.value)
     n0 = int(gm.meta[M.COUPLING].prunable.sum())
     later = {k: v for k, v in config.analysis.items() if k != "concrete_args"}
+    toward_dense = (config.compensation is not None and config.data is not None
+                    and config.compensation.get("toward", "dense") == "dense")
+    dense = clone(gm) if toward_dense else None  # step 1 re-fits gm in place
     first: dict | None = None
     kept: dict = {}
     removed = 0
@@ -198,7 +223,8 @@ def _steps(model: torch.nn.Module, example_inputs: Sequence[Any], config: PruneC
         last = t == config.steps
         k = units_this_step(p_t, n0, removed)
         out = prune_step(gm, example_inputs, config, max_units=None if (last and budget is not None) else k,
-                         absolute=budget)
+                         absolute=budget, reference=dense if t > 1 else None,
+                         reference_outputs={name: dims[0] for name, dims in kept.items() if 0 in dims})
         r = out.meta[M.REPORT]
         first = first or r
         kept = compose_kept(kept, r["kept"])

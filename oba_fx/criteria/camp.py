@@ -17,6 +17,10 @@ weight's importance is
 A tensor's **curvature share** (:func:`curvature_share`) is ``Σ_j w_j Σ_{i ∈ tensor} v_j,i²``:
 the part of the (weighted) Rayleigh quotient its coordinates carry; the shares of all tensors sum
 to 1. :func:`oba_fx.unstructured.prune_unstructured` turns it into per-layer pruning fractions.
+Structured (:func:`oba_fx.prune_graph`), ``ranking="curvature"`` does the same per coupling
+group from the unit scores (:func:`oba_fx.select.curvature_keys`): a group's share is the sum of
+its units' importance, flat groups lose more, within ``max_layer_ratio``, and the FLOPs target is
+met as with the other rankings; ``steps > 1`` rescores, so the shares are re-estimated per step.
 
 The registered ``"camp"`` uses the defaults below and the context's ``hessian`` and ``seed``;
 register a variant with other options with ``functools.partial``:
