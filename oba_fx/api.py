@@ -188,7 +188,7 @@ def prune_graph(model: nn.Module, example_inputs: Any, *, criterion: str = "l1",
     out.train(model.training)
     if report_dir is not None:
         from .report import write
-        write(out, report_dir, analysis=analyze_model(model, inputs, **config.analysis))
+        write(out, report_dir, analysis=analyze_model(model, inputs, **config.analysis, hessian_structure=True))
     return out
 
 
@@ -213,7 +213,8 @@ def explain(model: nn.Module, example_inputs: Any, *, path: str | Path | None = 
     """
     from .graphs import coupling_graph, write_graph
 
-    gm = analyze_model(model, as_tuple(example_inputs), leaf_modules=leaf_modules, concrete_args=concrete_args)
+    gm = analyze_model(model, as_tuple(example_inputs), leaf_modules=leaf_modules, concrete_args=concrete_args,
+                       hessian_structure=hessian_path is not None)
     G = coupling_graph(gm.meta["oba.coupling"])
     if path is not None:
         write_graph(G, path)
@@ -238,5 +239,6 @@ def hessian_structure(model: nn.Module, example_inputs: Any, *, leaf_modules: It
         >>> sorted(G.edges(data="kind"))
         [('0', '0', 'parallel'), ('0', '2', 'series')]
     """
-    gm = analyze_model(model, as_tuple(example_inputs), leaf_modules=leaf_modules, concrete_args=concrete_args)
+    gm = analyze_model(model, as_tuple(example_inputs), leaf_modules=leaf_modules, concrete_args=concrete_args,
+                       hessian_structure=True)
     return gm.meta["oba.hessian_structure"]

@@ -1,6 +1,6 @@
 """The one place that runs the passes in order.
 
-``trace -> shapes -> coupling -> Hessian structure`` (:func:`analyze_model`), then per pruning
+``trace -> shapes -> coupling (-> Hessian structure)`` (:func:`analyze_model`), then per pruning
 step ``scores -> select -> compensate -> slim -> verify`` (:func:`prune_step`), steps on the exponential
 schedule (:func:`run`), then BatchNorm recalibration of the result. The public API
 (:func:`oba_fx.prune_graph`, :func:`oba_fx.explain`, ...) parses arguments into a
@@ -90,9 +90,10 @@ class PruneConfig:
 
 def analyze_model(model: torch.nn.Module, example_inputs: Sequence[Any], *, leaf_modules: Iterable = (),
                   concrete_args: dict | None = None, frozen_modules: Iterable[str] = (),
-                  norm_width: bool = False) -> torch.fx.GraphModule:
-    """Trace a copy of ``model``, propagate shapes, compute the coupling and the Hessian block
-    structure."""
+                  norm_width: bool = False, hessian_structure: bool = False) -> torch.fx.GraphModule:
+    """Trace a copy of ``model``, propagate shapes, compute the coupling and, with
+    ``hessian_structure``, the Hessian block structure (``gm.meta["oba.hessian_structure"]``;
+    pruning does not read it, :func:`oba_fx.hessian_structure` and the pictures do)."""
     gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
     check_inputs(gm, example_inputs)
     try:
@@ -105,7 +106,8 @@ def analyze_model(model: torch.nn.Module, example_inputs: Sequence[Any], *, leaf
         gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args, lower_attention=False)
         ShapePropPass(example_inputs)(gm)
     CouplingPass(frozen_modules, norm_width)(gm)
-    HessianStructurePass()(gm)
+    if hessian_structure:
+        HessianStructurePass()(gm)
     return gm
 
 
