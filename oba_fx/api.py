@@ -214,7 +214,7 @@ def explain(model: nn.Module, example_inputs: Any, *, path: str | Path | None = 
     from .graphs import coupling_graph, write_graph
 
     gm = analyze_model(model, as_tuple(example_inputs), leaf_modules=leaf_modules, concrete_args=concrete_args,
-                       hessian_structure=hessian_path is not None)
+                       hessian_structure=hessian_path is not None, share_weights=True)
     G = coupling_graph(gm.meta["oba.coupling"])
     if path is not None:
         write_graph(G, path)
@@ -240,5 +240,5 @@ def hessian_structure(model: nn.Module, example_inputs: Any, *, leaf_modules: It
         [('0', '0', 'parallel'), ('0', '2', 'series')]
     """
     gm = analyze_model(model, as_tuple(example_inputs), leaf_modules=leaf_modules, concrete_args=concrete_args,
-                       hessian_structure=True)
+                       hessian_structure=True, share_weights=True)
     return gm.meta["oba.hessian_structure"]

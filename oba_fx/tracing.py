@@ -59,8 +59,13 @@ def _user_frame(tb) -> str | None:
 
 
 def trace(model: nn.Module, *, leaf_modules: Iterable[type | str] = (),
-          concrete_args: dict[str, Any] | None = None, lower_attention: bool = True) -> torch.fx.GraphModule:
+          concrete_args: dict[str, Any] | None = None, lower_attention: bool = True,
+          share_weights: bool = False) -> torch.fx.GraphModule:
     """Trace a deep copy of ``model`` (the user's model is never touched).
+
+    With ``share_weights`` the copy's modules are new but its parameters and buffers are the
+    model's own tensors (no copy of the weights): only for an analysis that reads the graph and
+    never writes a weight (``oba_fx.explain``, ``oba_fx.hessian_structure``).
 
     With ``lower_attention`` every ``nn.MultiheadAttention`` of the copy (unless listed in
     ``leaf_modules``) is traced as :class:`oba_fx.attention.MultiheadAttention` (same parameters,
@@ -73,7 +78,8 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[type | str] = (),
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"prune_graph expects a torch.nn.Module, got {type(model).__name__}")
-    root = copy.deepcopy(model)
+    shared = {id(t): t for t in [*model.parameters(), *model.buffers()]} if share_weights else {}
+    root = copy.deepcopy(model, shared)
     if isinstance(root, torch.fx.GraphModule):
         gm = torch.fx.GraphModule(root, copy.deepcopy(root.graph))
         gm.meta.clear()

@@ -126,3 +126,15 @@ def test_deep_smooth_chain_has_every_pair_once_with_series_kind_where_upstream()
         assert G.edges[names[i], names[j]]["kinds"] == ["parallel", "series"]
         assert G.edges[names[i], names[j]]["kind"] == "series"
     assert all(G.edges[a, a]["kind"] == "parallel" for a in names) and isinstance(G, nx.Graph)
+
+
+def test_share_weights_holds_the_models_tensors_and_leaves_the_model_alone():
+    model = Mixed().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 4, 4)
+    shared, copied = (analyze_model(model, (x,), share_weights=s) for s in (True, False))
+    assert shared.get_parameter("conv.weight") is model.conv.weight
+    assert copied.get_parameter("conv.weight") is not model.conv.weight
+    assert shared.get_submodule("conv") is not model.conv  # the modules are copies either way
+    assert shared.meta[M.COUPLING].n_groups == copied.meta[M.COUPLING].n_groups
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
