@@ -327,13 +327,35 @@ def profile(name: str, stage: str = "analysis", top: int = 10) -> None:
     print(s.getvalue())
 
 
+def zoo_meta(a: argparse.Namespace, tp) -> dict[str, Any]:
+    from _common import machine
+
+    return {"torch": torch.__version__, "torchvision": torchvision.__version__, "threads": a.threads,
+            "runs": a.runs, "tp": None if tp is None else getattr(tp, "__version__", "?"),
+            "machine": "2-core shared CPU", "date": time.strftime("%Y-%m-%d"), "protocol": a.protocol,
+            "host": machine()}
+
+
+def write_zoo(a: argparse.Namespace, rows: list[dict], tp) -> None:
+    import analysis_zoo as Z
+
+    meta = zoo_meta(a, tp)
+    if a.md:
+        with open(a.md, "w") as f:
+            f.write(Z.markdown(rows, meta))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1, default=str)
+
+
 def run_zoo(a: argparse.Namespace) -> int:
     """Analysis only over the zoo (``benchmarks/analysis_zoo.py``): warm and/or cold, both sides."""
     import analysis_zoo as Z
-    from _common import machine
 
     tp = None if a.no_tp else import_tp()
     names = a.models if a.models != list(MODELS) else Z.zoo()
+    first = [n for n in (a.first or []) if n in names]
+    names = first + [n for n in names if n not in first]
     cold_names = set(a.cold_models or names)
     rows = []
     for name in names:
@@ -349,18 +371,8 @@ def run_zoo(a: argparse.Namespace) -> int:
         rows.append(row)
         print(f"[{name}] {json.dumps({k: v for k, v in row.items() if not k.endswith('runs')}, default=str)}",
               file=sys.stderr, flush=True)
-    meta = {"torch": torch.__version__, "torchvision": torchvision.__version__, "threads": a.threads,
-            "runs": a.runs, "tp": None if tp is None else getattr(tp, "__version__", "?"),
-            "machine": "2-core shared CPU", "date": time.strftime("%Y-%m-%d"), "protocol": a.protocol,
-            "host": machine()}
-    text = Z.markdown(rows, meta)
-    print(text)
-    if a.md:
-        with open(a.md, "w") as f:
-            f.write(text)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1, default=str)
+        write_zoo(a, rows, tp)  # after every model: a long run stopped early keeps what it measured
+    print(Z.markdown(rows, zoo_meta(a, tp)))
     return 0
 
 
@@ -386,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="--zoo: warm (one process, warm-up then median), cold (first call, fresh process) or both")
     p.add_argument("--cold-models", nargs="+", metavar="NAME",
                    help="--zoo --protocol both: time cold only these models (default: all)")
+    p.add_argument("--first", nargs="+", metavar="NAME", help="--zoo: time these models first")
     p.add_argument("--md", metavar="OUT", help="--zoo: write the ratio table (Markdown) to this file")
     p.add_argument("--child", nargs=2, metavar=("SIDE", "NAME"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)

@@ -127,7 +127,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
     f = lambda v, s="s": "-" if v is None else f"{v:.2f}{s}"  # noqa: E731
     out = [f"Analysis time, ours (`analyze_model`) vs Torch-Pruning {meta['tp']} (`build_dependency`), "
            f"torch {meta['torch']}, {meta['threads']} thread(s), input 1x3x{SIZE}x{SIZE}, {meta['machine']}, "
-           f"{meta['date']}. warm: median of {meta['runs']} alternating calls after one warm-up each; "
+           f"{meta['date']}; {len(rows)} of the {len(zoo())} torchvision classification models. warm: median of {meta['runs']} alternating calls after one warm-up each; "
            "cold: first call in a fresh process. x = ours / theirs (below 1: ours faster).", "",
            "| model | ours warm | TP warm | x warm | ours cold | TP cold | x cold |",
            "|---|---:|---:|---:|---:|---:|---:|"]
