@@ -29,8 +29,14 @@ counter)" applies Torch-Pruning's counter to our result as a cross-check of the 
 Torch-Pruning is optional (``pip install --no-deps torch-pruning``, the ``bench`` extra); without
 it only our side is timed.
 
+With ``--zoo`` it times only the analysis (``analyze_model`` against ``build_dependency``) over
+every torchvision classification model, warm and/or cold (``benchmarks/analysis_zoo.py``), and
+writes a ratio table (``--md``) and the measurements (``--json``).
+
 Usage:
     python benchmarks/analysis_speed.py                       # all five models, 3 runs each
+    python benchmarks/analysis_speed.py --zoo --protocol both --runs 3 \
+        --json benchmarks/results/analysis_speed.json --md benchmarks/results/analysis_speed.md
     python benchmarks/analysis_speed.py --models resnet50 --runs 5 --json out.json
     python benchmarks/analysis_speed.py --profile resnet50    # cProfile of analyze_model only
     python benchmarks/analysis_speed.py --profile resnet50 --profile-stage prune
@@ -321,6 +327,55 @@ def profile(name: str, stage: str = "analysis", top: int = 10) -> None:
     print(s.getvalue())
 
 
+def zoo_meta(a: argparse.Namespace, tp) -> dict[str, Any]:
+    from _common import machine
+
+    return {"torch": torch.__version__, "torchvision": torchvision.__version__, "threads": a.threads,
+            "runs": a.runs, "tp": None if tp is None else getattr(tp, "__version__", "?"),
+            "machine": "2-core shared CPU", "date": time.strftime("%Y-%m-%d"), "protocol": a.protocol,
+            "host": machine()}
+
+
+def write_zoo(a: argparse.Namespace, rows: list[dict], tp) -> None:
+    import analysis_zoo as Z
+
+    meta = zoo_meta(a, tp)
+    if a.md:
+        with open(a.md, "w") as f:
+            f.write(Z.markdown(rows, meta))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1, default=str)
+
+
+def run_zoo(a: argparse.Namespace) -> int:
+    """Analysis only over the zoo (``benchmarks/analysis_zoo.py``): warm and/or cold, both sides."""
+    import analysis_zoo as Z
+
+    tp = None if a.no_tp else import_tp()
+    names = a.models if a.models != list(MODELS) else Z.zoo()
+    first = [n for n in (a.first or []) if n in names]
+    names = first + [n for n in names if n not in first]
+    cold_names = set(a.cold_models or names)
+    rows = []
+    for name in names:
+        print(f"[{name}] ...", file=sys.stderr, flush=True)
+        row: dict[str, Any] = {"model": name}
+        if a.protocol in ("warm", "both"):
+            row.update(Z.warm(tp, name, a.runs))
+        if a.protocol in ("cold", "both") and name in cold_names:
+            for side in ("ours",) + (("tp",) if tp is not None else ()):
+                row[f"{side}_cold_s"], err = Z.cold(side, name, a.threads, __file__)
+                if err:
+                    row[f"{side}_cold_error"] = err
+        rows.append(row)
+        print(f"[{name}] {json.dumps({k: v for k, v in row.items() if not k.endswith('runs')}, default=str)}",
+              file=sys.stderr, flush=True)
+        write_zoo(a, rows, tp)  # after every model: a long run stopped early keeps what it measured
+    print(Z.markdown(rows, zoo_meta(a, tp)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -337,8 +392,24 @@ def main(argv: list[str] | None = None) -> int:
                    help="instead: cProfile one call on this model, top 10 oba_fx functions by cumulative time")
     p.add_argument("--profile-stage", choices=("analysis", "prune"), default="analysis",
                    help="what --profile profiles: analyze_model (default) or prune (select + slim)")
+    p.add_argument("--zoo", action="store_true",
+                   help="instead: analysis only, every torchvision classification model (or --models)")
+    p.add_argument("--protocol", choices=("warm", "cold", "both"), default="warm",
+                   help="--zoo: warm (one process, warm-up then median), cold (first call, fresh process) or both")
+    p.add_argument("--cold-models", nargs="+", metavar="NAME",
+                   help="--zoo --protocol both: time cold only these models (default: all)")
+    p.add_argument("--first", nargs="+", metavar="NAME", help="--zoo: time these models first")
+    p.add_argument("--md", metavar="OUT", help="--zoo: write the ratio table (Markdown) to this file")
+    p.add_argument("--child", nargs=2, metavar=("SIDE", "NAME"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
+
+    if a.child:
+        from analysis_zoo import child
+        child(a.child[0], a.child[1], a.threads)
+        return 0
+    if a.zoo:
+        return run_zoo(a)
 
     if a.profile:
         profile(a.profile, a.profile_stage)

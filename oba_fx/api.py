@@ -206,7 +206,7 @@ def prune_graph(model: nn.Module, example_inputs: Any, *, criterion: str = "l1",
     out.train(model.training)
     if report_dir is not None:
         from .report import write
-        write(out, report_dir, analysis=analyze_model(model, inputs, **config.analysis))
+        write(out, report_dir, analysis=analyze_model(model, inputs, **config.analysis, hessian_structure=True))
     return out
 
 
@@ -232,7 +232,8 @@ def explain(model: nn.Module, example_inputs: Any, *, path: str | Path | None = 
     from .graphs import coupling_graph, write_graph
 
     check_model(model, "explain", finite=False)
-    gm = analyze_model(model, as_tuple(example_inputs), leaf_modules=leaf_modules, concrete_args=concrete_args)
+    gm = analyze_model(model, as_tuple(example_inputs), leaf_modules=leaf_modules, concrete_args=concrete_args,
+                       hessian_structure=hessian_path is not None, share_weights=True)
     G = coupling_graph(gm.meta["oba.coupling"])
     if path is not None:
         write_graph(G, path)
@@ -258,5 +259,6 @@ def hessian_structure(model: nn.Module, example_inputs: Any, *, leaf_modules: It
         [('0', '0', 'parallel'), ('0', '2', 'series')]
     """
     check_model(model, "hessian_structure", finite=False)
-    gm = analyze_model(model, as_tuple(example_inputs), leaf_modules=leaf_modules, concrete_args=concrete_args)
+    gm = analyze_model(model, as_tuple(example_inputs), leaf_modules=leaf_modules, concrete_args=concrete_args,
+                       hessian_structure=True, share_weights=True)
     return gm.meta["oba.hessian_structure"]

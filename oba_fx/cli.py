@@ -284,7 +284,7 @@ def write_report(args, model, x, pruned, acc: dict, tests: dict, history) -> Pat
     where = args.report or (f"{args.out}.report" if args.out else "oba_fx_report")
     accuracy = {k: dict(zip(tests, v)) for k, v in acc.items()}
     settings = {k: v for k, v in vars(args).items() if k not in ("fn", "cmd")}
-    return write(pruned, where, analysis=analyze_model(model, (x,)), accuracy=accuracy, history=history,
+    return write(pruned, where, analysis=analyze_model(model, (x,), hessian_structure=True), accuracy=accuracy, history=history,
                  settings=settings, name=args.model)
 
 

@@ -61,24 +61,41 @@ def _attention_scores_inputs(node: torch.fx.Node) -> list[Any]:
 
 
 class _Blocks:
-    """The block graph under construction, and which layers reach each node's value."""
+    """The block graph under construction, and which layers reach each node's value.
+
+    Edges are collected in plain sets (``kinds[a][b]``, symmetric) and the networkx graph is
+    built once at the end (:meth:`graph`): a smooth op deep in a network mixes every pair of
+    the hundreds of layers upstream, and most of those pairs are already there.
+    """
 
     def __init__(self, gm: torch.fx.GraphModule) -> None:
         self.gm = gm
-        self.G = nx.Graph(name="hessian_blocks")
         self.up: dict[str, frozenset[str]] = {}
+        self.layers: list[str] = []
+        self.kinds: dict[str, dict[str, set[str]]] = {}
+        self.parallel: dict[str, set[str]] = {}
+        self.order: list[tuple[str, str]] = []
 
     def ups(self, a: Any) -> frozenset[str]:
         return self.up.get(a.name, frozenset()) if isinstance(a, torch.fx.Node) else frozenset()
 
+    def add_layer(self, layer: str) -> None:
+        if layer not in self.kinds:
+            self.layers.append(layer)
+            self.kinds[layer] = {}
+            self.parallel[layer] = set()
+
     def add(self, a: str, b: str, kind: str) -> None:
-        G = self.G
-        if G.has_edge(a, b):
-            G.edges[a, b]["kinds"] = sorted(set(G.edges[a, b]["kinds"]) | {kind})
-            if kind == "series":
-                G.edges[a, b]["kind"] = "series"
-        else:
-            G.add_edge(a, b, kind=kind, kinds=[kind])
+        self.add_layer(a)
+        self.add_layer(b)
+        ka = self.kinds[a]
+        if b not in ka:
+            ka[b] = self.kinds[b][a] = set()
+            self.order.append((a, b))
+        ka[b].add(kind)
+        if kind == "parallel":
+            self.parallel[a].add(b)
+            self.parallel[b].add(a)
 
     def mix(self, sets: list[frozenset[str]], cross_only: bool) -> None:
         """Parallel pairs between operands (``cross_only``) or among everything that reaches the op."""
@@ -86,13 +103,23 @@ class _Blocks:
             for i in range(len(sets)):
                 for j in range(i + 1, len(sets)):
                     for a in sets[i]:
-                        for b in sets[j]:
+                        for b in sets[j] - self.parallel.get(a, frozenset()):
                             self.add(a, b, "parallel")
         else:
-            allv = sorted(frozenset().union(*sets)) if sets else []
-            for i, a in enumerate(allv):
-                for b in allv[i:]:
+            allv = frozenset().union(*sets) if sets else frozenset()
+            for a in sorted(allv):  # the pairs (a, b >= a) not there yet
+                for b in sorted(allv - self.parallel.get(a, frozenset())):
                     self.add(a, b, "parallel")
+
+    def graph(self) -> nx.Graph:
+        """The networkx graph: layers in order of first use, edges in order of first reason."""
+        G = nx.Graph(name="hessian_blocks")
+        for layer in self.layers:
+            G.add_node(layer, kind="layer")
+        for a, b in self.order:
+            kinds = sorted(self.kinds[a][b])
+            G.add_edge(a, b, kind="series" if "series" in kinds else kinds[0], kinds=kinds)
+        return G
 
     def attention(self, node: torch.fx.Node) -> None:
         """``softmax(q kᵀ + mask) v``: smooth in (q, k, mask), linear in v."""
@@ -143,7 +170,7 @@ class _Blocks:
         gm = self.gm
         layer = _layer_of(gm, node)
         if layer is not None:
-            self.G.add_node(layer, kind="layer")
+            self.add_layer(layer)
         ins = list(node.all_input_nodes) if node.op != "get_attr" else []
         in_sets = [self.ups(a) for a in ins]
         reach = frozenset().union(*in_sets) if in_sets else frozenset()
@@ -188,4 +215,4 @@ def block_structure(gm: torch.fx.GraphModule) -> nx.Graph:
     for node in gm.graph.nodes:
         if node.op not in ("placeholder", "output"):
             blocks.visit(node)
-    return blocks.G
+    return blocks.graph()

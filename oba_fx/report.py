@@ -209,6 +209,9 @@ def write_pictures(analysis: torch.fx.GraphModule, report: dict, directory: str 
     d.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
     out: dict[str, tuple[Path, str]] = {}
+    if HESSIAN_STRUCTURE not in analysis.meta:  # analyze_model computes it only when asked
+        from .hessian_blocks import block_structure
+        analysis.meta[HESSIAN_STRUCTURE] = block_structure(analysis)
     bm = block_matrix(analysis.meta[HESSIAN_STRUCTURE])
     write_block_csv(bm, d / "hessian_blocks.csv")
     out["Hessian block matrix"] = (_timed(times, "hessian_blocks", draw_block_matrix, bm, d / "hessian_blocks.png",

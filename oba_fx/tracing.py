@@ -66,7 +66,7 @@ def _user_frame(tb) -> str | None:
 
 def trace(model: nn.Module, *, leaf_modules: Iterable[type | str] = (),
           concrete_args: dict[str, Any] | None = None, lower_attention: bool = True,
-          example_inputs: Sequence[Any] | None = None) -> torch.fx.GraphModule:
+          example_inputs: Sequence[Any] | None = None, share_weights: bool = False) -> torch.fx.GraphModule:
     """Trace a deep copy of ``model`` (the user's model is never touched).
 
     When symbolic tracing fails and ``example_inputs`` are given, the model is traced again with
@@ -74,6 +74,10 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[type | str] = (),
     ``x.size(1)``, ``len(x)``) with the example inputs' sizes: shape-driven control flow then
     traces, and the graph is specialised to those input shapes, which ``gm.meta["oba.specialised"]``
     records (input shapes, and why symbolic tracing failed).
+
+    With ``share_weights`` the copy's modules are new but its parameters and buffers are the
+    model's own tensors (no copy of the weights): only for an analysis that reads the graph and
+    never writes a weight (``oba_fx.explain``, ``oba_fx.hessian_structure``).
 
     With ``lower_attention`` every ``nn.MultiheadAttention`` of the copy (unless listed in
     ``leaf_modules``) is traced as :class:`oba_fx.attention.MultiheadAttention` (same parameters,
@@ -87,7 +91,8 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[type | str] = (),
             shape-aware attempt (control flow on the data, naming the op).
     """
     check_model(model, "torch.fx tracing", finite=False)
-    root = copy.deepcopy(model)
+    shared = {id(t): t for t in [*model.parameters(), *model.buffers()]} if share_weights else {}
+    root = copy.deepcopy(model, dict(shared))
     if isinstance(root, torch.fx.GraphModule):
         gm = torch.fx.GraphModule(root, copy.deepcopy(root.graph))
         specialised = root.meta.get(SPECIALISED)
@@ -106,7 +111,7 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[type | str] = (),
 
     shape_tracer = ShapeTracer(as_tuple(example_inputs), leaf_modules)
     try:
-        gm = _trace_with(shape_tracer, copy.deepcopy(model), model, concrete_args, lower_attention)
+        gm = _trace_with(shape_tracer, copy.deepcopy(model, dict(shared)), model, concrete_args, lower_attention)
     except TraceError as e:
         raise TraceError(e.where, f"{e.why} (tracing again with the example input shapes did not help; "
                          f"plain symbolic tracing said: {first.why})", e.line) from e
@@ -213,15 +218,128 @@ def held_stderr():
     with contextlib.redirect_stderr(held):
         yield
     sys.stderr.write(held.getvalue())
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+#: torch.nn modules whose eval-mode output on a floating-point tensor is a tensor like it
+_ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
+                nn.Dropout, nn.Identity)
+
+
+def _like_input(m: nn.Module, target: str, x: Any) -> bool:
+    """Whether the module ``m`` called on ``x`` alone returns a tensor like ``x``, after the
+    checks torch itself makes on the input (raised here as torch raises them)."""
+    kind = type(m)  # the classes themselves: a subclass may override forward
+    if m.training or not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        return False
+    if kind in _BATCH_NORMS:
+        m._check_input_dim(x)
+        if x.shape[1] != m.num_features:
+            raise ValueError(f"{target}: expected {m.num_features} channels, got shape {tuple(x.shape)}")
+        return True
+    if kind is nn.LayerNorm:
+        k = len(m.normalized_shape)
+        if tuple(x.shape[x.dim() - k:]) != tuple(m.normalized_shape) or x.dim() < k:
+            raise ValueError(f"{target}: normalized_shape {tuple(m.normalized_shape)} does not end shape "
+                             f"{tuple(x.shape)}")
+        return True
+    return kind in _ELEMENTWISE
+
+
+class _MetaShapes(torch.fx.Interpreter):
+    """Runs a graph on ``meta`` tensors and writes ``tensor_meta`` (as ``ShapeProp``) and ``type``.
+
+    Eval-mode BatchNorm, LayerNorm and activation modules (the torch.nn classes themselves) return
+    a tensor like their input after torch's own input checks: on ``meta`` their decompositions run
+    in Python and cost more than the rest of the shape propagation.
+    """
+
+    def call_module(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        if not kwargs and len(args) == 1 and _like_input(self.fetch_attr(target), target, args[0]):
+            return torch.empty_like(args[0])
+        return super().call_module(target, args, kwargs)
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        from torch.fx.node import map_aggregate
+        from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+        result = super().run_node(n)
+        found = False
+
+        def record(obj: Any) -> Any:
+            nonlocal found
+            if isinstance(obj, torch.Tensor):
+                found = True
+                return _extract_tensor_metadata(obj)
+            return obj
+
+        meta = map_aggregate(result, record)
+        if found:
+            n.meta["tensor_meta"] = meta
+        n.meta["type"] = type(result)
+        return result
+
+
+def _on_meta(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+
+
+@contextlib.contextmanager
+def _meta_state(gm: torch.fx.GraphModule):
+    """Every parameter and buffer of ``gm`` swapped for an empty ``meta`` tensor of the same
+    shape, dtype and ``requires_grad``, and put back afterwards."""
+    saved = []
+    try:
+        for mod in gm.modules():
+            for table in (mod._parameters, mod._buffers):
+                for k, t in list(table.items()):
+                    if t is not None:
+                        saved.append((table, k, t))
+                        m = _on_meta(t)
+                        table[k] = nn.Parameter(m, t.requires_grad) if isinstance(t, nn.Parameter) else m
+        yield gm
+    finally:
+        for table, k, t in reversed(saved):
+            table[k] = t
+
+
+def _meta_shapes(gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> None:
+    """Shapes from the ``meta`` device (shape functions only, no Python dispatch: several times
+    faster than fake tensors). Raises where an op has no meta kernel, reads values or mixes in a
+    tensor the swap did not reach (a plain tensor attribute, a tensor built on the CPU)."""
+    args = [_on_meta(x).requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor) and x.is_floating_point()
+            else _on_meta(x) if isinstance(x, torch.Tensor) else x for x in inputs]
+    with _meta_state(gm):
+        _MetaShapes(gm).run(*args)
+
+
+def _clear_shapes(gm: torch.fx.GraphModule) -> None:
+    for n in gm.graph.nodes:
+        n.meta.pop("tensor_meta", None)
 
 
 def propagate_shapes(gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> None:
-    """``tensor_meta`` on every node: with fake tensors (no real compute) when every op
-    supports them, else with the real inputs. Eval mode, no autograd, no state changes."""
+    """``tensor_meta`` on every node: on the ``meta`` device when every op allows it, else with
+    fake tensors when every op supports them, else with the real inputs. Eval mode, no
+    autograd, no state changes (the shapes and dtypes are the same three ways; the strides of
+    some results, e.g. attention, einsum, normalisations of transposed inputs, may differ, and
+    nothing in oba_fx reads them).
+
+    Example:
+        >>> gm = trace(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten()))
+        >>> propagate_shapes(gm, (torch.randn(2, 3, 5, 5),))
+        >>> [tuple(n.meta["tensor_meta"].shape) for n in gm.graph.nodes if n.op != "output"]
+        [(2, 3, 5, 5), (2, 4, 3, 3), (2, 36)]
+        >>> next(gm.parameters()).device.type  # the parameters are back
+        'cpu'
+    """
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.passes.shape_prop import ShapeProp
 
     with eval_mode(gm):
+        try:
+            _meta_shapes(gm, inputs)
+            return
+        except Exception:  # no meta kernel, a value read, a CPU tensor mixed in: fake tensors
+            _clear_shapes(gm)
         try:
             mode = FakeTensorMode(allow_non_fake_inputs=True)
             fake = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs]
@@ -229,7 +347,6 @@ def propagate_shapes(gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> None:
                 ShapeProp(gm, fake_mode=mode).propagate(*fake)
             return
         except Exception:  # an op without a fake kernel, data-dependent shapes...: run for real
-            for n in gm.graph.nodes:
-                n.meta.pop("tensor_meta", None)
+            _clear_shapes(gm)
         with held_stderr():
             ShapeProp(gm).propagate(*inputs)

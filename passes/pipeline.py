@@ -1,6 +1,6 @@
 """The one place that runs the passes in order.
 
-``trace -> shapes -> coupling -> Hessian structure`` (:func:`analyze_model`), then per pruning
+``trace -> shapes -> coupling (-> Hessian structure)`` (:func:`analyze_model`), then per pruning
 step ``scores -> select -> compensate -> slim -> verify`` (:func:`prune_step`), steps on the exponential
 schedule (:func:`run`), then BatchNorm recalibration of the result. The public API
 (:func:`oba_fx.prune_graph`, :func:`oba_fx.explain`, ...) parses arguments into a
@@ -103,10 +103,16 @@ TOWARDS = ("dense", "previous")
 
 def analyze_model(model: torch.nn.Module, example_inputs: Sequence[Any], *, leaf_modules: Iterable = (),
                   concrete_args: dict | None = None, frozen_modules: Iterable[str] = (),
-                  norm_width: bool = False) -> torch.fx.GraphModule:
-    """Trace a copy of ``model``, propagate shapes, compute the coupling and the Hessian block
-    structure."""
-    gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args, example_inputs=example_inputs)
+                  norm_width: bool = False, hessian_structure: bool = False,
+                  share_weights: bool = False) -> torch.fx.GraphModule:
+    """Trace a copy of ``model``, propagate shapes, compute the coupling and, with
+    ``hessian_structure``, the Hessian block structure (``gm.meta["oba.hessian_structure"]``;
+    pruning does not read it, :func:`oba_fx.hessian_structure` and the pictures do).
+
+    ``share_weights``: the graph holds the model's own parameter tensors instead of copies
+    (:func:`oba_fx.tracing.trace`); only for a result that is read, never pruned or re-fit."""
+    gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args, example_inputs=example_inputs,
+               share_weights=share_weights)
     check_inputs(gm, example_inputs)
     try:
         ShapePropPass(example_inputs)(gm)
@@ -116,10 +122,11 @@ def analyze_model(model: torch.nn.Module, example_inputs: Sequence[Any], *, leaf
         log.warning("the traced nn.MultiheadAttention stand-in does not run on these inputs (%s: %s); "
                     "tracing again with nn.MultiheadAttention kept whole (its heads stay)", type(e).__name__, e)
         gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args, lower_attention=False,
-                   example_inputs=example_inputs)
+                   example_inputs=example_inputs, share_weights=share_weights)
         ShapePropPass(example_inputs)(gm)
     CouplingPass(frozen_modules, norm_width)(gm)
-    HessianStructurePass()(gm)
+    if hessian_structure:
+        HessianStructurePass()(gm)
     return gm
 
 

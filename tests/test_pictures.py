@@ -35,7 +35,8 @@ def analysed():
     def get(name):
         if name not in cache:
             size = MODELS.get(name, 32)
-            cache[name] = analyze_model(get_model(name).eval(), (torch.randn(1, 3, size, size),))
+            cache[name] = analyze_model(get_model(name).eval(), (torch.randn(1, 3, size, size),),
+                                        hessian_structure=True)
         return cache[name]
     return get
 
