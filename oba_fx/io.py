@@ -45,7 +45,6 @@ import logging
 import os
 import pickle
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -257,7 +256,7 @@ oba_fx.save (or oba-fx prune --out)
     except (ImportError, AttributeError) as exc:
         raise UnimportableError(f"cannot load {str(path)!r}: it refers to a class or function that cannot be "
                                 f"imported here ({one_line(exc)}); import or define it before loading") from exc
-    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, RuntimeError, ValueError, OSError) as exc:
+    except Exception as exc:  # unpickling arbitrary bytes can raise almost anything (OverflowError, KeyError...)
         raise BadFileError(f"cannot read {str(path)!r} as a saved model (truncated or corrupt, or not written by "
                            f"oba_fx.io.save / torch.save): {type(exc).__name__}: {one_line(exc)}") from exc
     if isinstance(obj, torch.fx.GraphModule):
