@@ -210,6 +210,21 @@ class Builder:
             self._a.append(e[:-1])
             self._b.append(e[1:])
 
+    def union_rows(self, elements: np.ndarray) -> None:
+        """Tie the global element ids of each row of a 2-D array together (rows stay apart).
+
+        Example:
+            >>> b = Builder()
+            >>> s = b.param_space("w", 0, 4, primary=True)
+            >>> b.union_rows(s.elements().reshape(2, 2))
+            >>> b.build().unit.tolist()
+            [0, 0, 1, 1]
+        """
+        e = np.asarray(elements, dtype=np.int64)
+        if e.ndim == 2 and e.shape[1] > 1:
+            self._a.append(e[:, :-1].ravel())
+            self._b.append(e[:, 1:].ravel())
+
     def pin(self, space: Space | None, idx: Any = None) -> None:
         if space is not None:
             self._pins.append(space.elements(idx))
