@@ -50,8 +50,10 @@ def deepcopy_modules(obj: Any, memo: dict[int, Any]) -> Any:
     Args:
         obj: usually an ``nn.Module``; anything else is deep-copied as ``copy.deepcopy`` does.
         memo: ``copy.deepcopy``'s memo: objects (by ``id``) that are returned instead of copied,
-            such as the parameters a copy shares with its original. Filled as ``copy.deepcopy``
-            fills it.
+            such as the parameters a copy shares with its original. Gets the copies made, by the
+            ``id`` of their originals; unlike ``copy.deepcopy`` it does not also keep the
+            originals alive (they are alive with ``obj`` while it runs): do not reuse it once
+            ``obj`` is gone.
     """
     hit = memo.get(id(obj), memo)
     if hit is not memo:
@@ -65,13 +67,11 @@ def deepcopy_modules(obj: Any, memo: dict[int, Any]) -> Any:
         return obj  # as copy.deepcopy: an immutable tuple of immutable values is itself
     if cls is set and all(type(a) in _ATOMIC for a in obj):
         new_set = memo[id(obj)] = set(obj)
-        _keep_alive(obj, memo)
         return new_set
     if not _plain_module_class(cls):
         return copy.deepcopy(obj, memo)
     new = cls.__new__(cls)
     memo[id(obj)] = new
-    _keep_alive(obj, memo)
     new.__setstate__(_copy_dict(obj.__dict__, memo))
     return new
 
@@ -82,15 +82,7 @@ def _copy_dict(d: dict, memo: dict[int, Any]) -> dict:
         return copy.deepcopy(d, memo)
     new = type(d)()
     memo[id(d)] = new
-    _keep_alive(d, memo)
     for k, v in d.items():
         new[k if type(k) in _ATOMIC else copy.deepcopy(k, memo)] = deepcopy_modules(v, memo)
     return new
 
-
-def _keep_alive(x: Any, memo: dict[int, Any]) -> None:
-    """Keep ``x`` alive while ``memo`` is, as ``copy.deepcopy`` does (an id must not be reused)."""
-    try:
-        memo[id(memo)].append(x)
-    except KeyError:
-        memo[id(memo)] = [x]

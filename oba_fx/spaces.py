@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.fx
 
-from .unionfind import compact, components
+from .unionfind import compact_min, components
 
 
 @dataclass(frozen=True)
@@ -249,7 +249,7 @@ class Builder:
         n = self._n
         a = np.concatenate(self._a) if self._a else np.zeros(0, np.int64)
         b = np.concatenate(self._b) if self._b else np.zeros(0, np.int64)
-        unit, n_units = compact(components(n, a, b))
+        unit, n_units = compact_min(components(n, a, b))
         pinned = np.zeros(n_units, dtype=bool)
         if self._pins:
             pinned[unit[np.concatenate(self._pins)]] = True
@@ -260,8 +260,9 @@ class Builder:
             if s.id in self.primary:
                 has_primary[unit[s.base : s.base + s.size]] = True
         # groups: units connected through shared spaces
-        g_lab, _ = compact(components(n_units + len(self.spaces), unit, n_units + space_of)) if n else (np.zeros(0, np.int64), 0)
-        group, _ = compact(g_lab[:n_units]) if n_units else (np.zeros(0, np.int64), 0)
+        # (a unit's smallest group member is a unit: renumbering the units' labels suffices)
+        g_lab = components(n_units + len(self.spaces), unit, n_units + space_of) if n else np.zeros(0, np.int64)
+        group, _ = compact_min(g_lab[:n_units]) if n_units else (np.zeros(0, np.int64), 0)
         return Coupling(
             spaces=tuple(self.spaces),
             unit=_frozen(unit),

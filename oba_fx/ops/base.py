@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from enum import Enum
@@ -230,11 +231,12 @@ class Ctx:
     def __init__(self, gm: torch.fx.GraphModule, node: torch.fx.Node, b: Builder, state: AnalysisState):
         self.gm, self.node, self.b, self.state = gm, node, b, state
 
-    @property
+    @functools.cached_property
     def module(self) -> nn.Module:
+        """The called module (looked up once per node: rules ask for it several times)."""
         return self.gm.get_submodule(self.node.target)
 
-    @property
+    @functools.cached_property
     def out_shape(self) -> tuple[int, ...] | None:
         return shape_of(self.node)
 
