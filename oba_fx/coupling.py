@@ -62,7 +62,7 @@ def analyze(gm: torch.fx.GraphModule, *, frozen_modules: Iterable[str] = (), nor
 def _analyze_once(gm: torch.fx.GraphModule, frozen_modules: Iterable[str],
                   choice: dict[tuple[str, int], int], norm_width: bool) -> tuple[Coupling, list]:
     b = Builder()
-    state = AnalysisState(split_choice=dict(choice), norm_width=norm_width)
+    state = AnalysisState(split_choice=dict(choice), norm_width=norm_width, modules=dict(gm.named_modules()))
     for node in gm.graph.nodes:
         apply_rule(gm, node, b, state)
     frozen = tuple(frozen_modules)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.fx
 
-from .unionfind import compact, components
+from .unionfind import compact_min, components
 
 
 @dataclass(frozen=True)
@@ -162,6 +162,7 @@ class Builder:
         self._n = 0
         self._a: list[np.ndarray] = []
         self._b: list[np.ndarray] = []
+        self._same: list[tuple[int, int]] = []  # spaces tied index by index (identity unions)
         self._pins: list[np.ndarray] = []
         self._param: dict[tuple[str, int], Space] = {}
         self.primary: set[int] = set()
@@ -197,6 +198,11 @@ class Builder:
     # -- relations -----------------------------------------------------------------------
     def union(self, a: Space, b: Space, ia: Any = None, ib: Any = None) -> None:
         """Tie index ``ia[k]`` of ``a`` to index ``ib[k]`` of ``b`` (identity when ``None``)."""
+        if ia is None and ib is None:  # recorded per space: build() merges such spaces first
+            if a.size != b.size:
+                raise ValueError(f"union of spaces of different sizes: {a} / {b}")
+            self._same.append((a.id, b.id))
+            return
         ea, eb = a.elements(ia), b.elements(ib)
         if ea.shape != eb.shape:
             raise ValueError(f"union of spaces of different sizes: {a} / {b}")
@@ -209,6 +215,21 @@ class Builder:
         if e.size > 1:
             self._a.append(e[:-1])
             self._b.append(e[1:])
+
+    def union_rows(self, elements: np.ndarray) -> None:
+        """Tie the global element ids of each row of a 2-D array together (rows stay apart).
+
+        Example:
+            >>> b = Builder()
+            >>> s = b.param_space("w", 0, 4, primary=True)
+            >>> b.union_rows(s.elements().reshape(2, 2))
+            >>> b.build().unit.tolist()
+            [0, 0, 1, 1]
+        """
+        e = np.asarray(elements, dtype=np.int64)
+        if e.ndim == 2 and e.shape[1] > 1:
+            self._a.append(e[:, :-1].ravel())
+            self._b.append(e[:, 1:].ravel())
 
     def pin(self, space: Space | None, idx: Any = None) -> None:
         if space is not None:
@@ -230,23 +251,48 @@ class Builder:
         self.barriers.append(Barrier(node.name, node.op, target_name(node.target), reason))
 
     # -- result --------------------------------------------------------------------------
+    def _canonical(self) -> np.ndarray:
+        """Each element's canonical element: index ``i`` of the smallest space tied to its space
+        index by index (through identity unions), so ``canonical[e] <= e``."""
+        canon = np.arange(self._n, dtype=np.int64)
+        if self._same:
+            ends = np.asarray(self._same, dtype=np.int64)
+            rep = components(len(self.spaces), ends[:, 0], ends[:, 1])
+            for s in self.spaces:
+                r = self.spaces[rep[s.id]]
+                if r is not s:
+                    canon[s.base : s.base + s.size] = canon[r.base : r.base + r.size]
+        return canon
+
+    def _groups(self, unit: np.ndarray, n_units: int, canon: np.ndarray) -> np.ndarray:
+        """Group of each unit: units connected through shared spaces. A space tied index by index
+        to a smaller one has that one's units, so only canonical spaces are walked; the units
+        of a space are chained (consecutive elements), so the labels are the smallest unit."""
+        if not n_units:
+            return np.zeros(0, np.int64)
+        sizes = np.fromiter((s.size for s in self.spaces), np.int64, len(self.spaces))
+        space_of = np.repeat(np.arange(len(self.spaces), dtype=np.int64), sizes)
+        keep = canon == np.arange(self._n)
+        u, sp = unit[keep], space_of[keep]
+        chained = sp[1:] == sp[:-1]
+        return compact_min(components(n_units, u[:-1][chained], u[1:][chained]))[0]
+
     def build(self) -> Coupling:
         n = self._n
-        a = np.concatenate(self._a) if self._a else np.zeros(0, np.int64)
-        b = np.concatenate(self._b) if self._b else np.zeros(0, np.int64)
-        unit, n_units = compact(components(n, a, b))
+        canon = self._canonical()
+        a = canon[np.concatenate(self._a)] if self._a else np.zeros(0, np.int64)
+        b = canon[np.concatenate(self._b)] if self._b else np.zeros(0, np.int64)
+        # an element's component holds its canonical element, which is no larger: the smallest
+        # member of a component is a canonical element, the label components() gives it
+        unit, n_units = compact_min(components(n, a, b)[canon])
         pinned = np.zeros(n_units, dtype=bool)
         if self._pins:
             pinned[unit[np.concatenate(self._pins)]] = True
         has_primary = np.zeros(n_units, dtype=bool)
-        space_of = np.zeros(n, dtype=np.int64)
-        for s in self.spaces:
-            space_of[s.base : s.base + s.size] = s.id
-            if s.id in self.primary:
-                has_primary[unit[s.base : s.base + s.size]] = True
-        # groups: units connected through shared spaces
-        g_lab, _ = compact(components(n_units + len(self.spaces), unit, n_units + space_of)) if n else (np.zeros(0, np.int64), 0)
-        group, _ = compact(g_lab[:n_units]) if n_units else (np.zeros(0, np.int64), 0)
+        for i in self.primary:
+            sp = self.spaces[i]
+            has_primary[unit[sp.base : sp.base + sp.size]] = True
+        group = self._groups(unit, n_units, canon)
         return Coupling(
             spaces=tuple(self.spaces),
             unit=_frozen(unit),
@@ -290,3 +336,5 @@ class AnalysisState:
     splits: list = field(default_factory=list)
     #: couple (rather than pin) the channels LayerNorm / RMSNorm normalise
     norm_width: bool = False
+    #: ``dict(gm.named_modules())``, to look modules up without walking their dotted names
+    modules: dict = field(default_factory=dict)

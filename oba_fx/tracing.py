@@ -27,6 +27,7 @@ from . import attention
 from .checks import check_model
 from .errors import BadInputError, TraceError
 from .meta import SPECIALISED
+from .module_copy import deepcopy_modules
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[type | str] = (),
     """
     check_model(model, "torch.fx tracing", finite=False)
     shared = {id(t): t for t in [*model.parameters(), *model.buffers()]} if share_weights else {}
-    root = copy.deepcopy(model, dict(shared))
+    root = deepcopy_modules(model, dict(shared))
     if isinstance(root, torch.fx.GraphModule):
         gm = torch.fx.GraphModule(root, copy.deepcopy(root.graph))
         specialised = root.meta.get(SPECIALISED)
@@ -111,7 +112,7 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[type | str] = (),
 
     shape_tracer = ShapeTracer(as_tuple(example_inputs), leaf_modules)
     try:
-        gm = _trace_with(shape_tracer, copy.deepcopy(model, dict(shared)), model, concrete_args, lower_attention)
+        gm = _trace_with(shape_tracer, deepcopy_modules(model, dict(shared)), model, concrete_args, lower_attention)
     except TraceError as e:
         raise TraceError(e.where, f"{e.why} (tracing again with the example input shapes did not help; "
                          f"plain symbolic tracing said: {first.why})", e.line) from e

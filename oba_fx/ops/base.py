@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -157,10 +158,23 @@ def rule_for_function(fn: Any) -> OpRule | None:
     return FUNCTION_RULES.get(fn)
 
 
-def rule_for_node(gm: torch.fx.GraphModule, node: torch.fx.Node) -> OpRule | None:
-    """The rule that applies to ``node``, or ``None`` (a barrier)."""
+def submodule(gm: torch.fx.GraphModule, target: str, modules: Mapping[str, nn.Module] | None = None) -> nn.Module:
+    """``gm.get_submodule(target)``, read from ``modules`` (``dict(gm.named_modules())``) when there.
+
+    Example:
+        >>> gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(2, 2)))
+        >>> submodule(gm, "0", dict(gm.named_modules())) is gm.get_submodule("0")
+        True
+    """
+    m = modules.get(target) if modules is not None else None
+    return gm.get_submodule(target) if m is None else m
+
+
+def rule_for_node(gm: torch.fx.GraphModule, node: torch.fx.Node,
+                  modules: Mapping[str, nn.Module] | None = None) -> OpRule | None:
+    """The rule that applies to ``node``, or ``None`` (a barrier). ``modules``: see :func:`submodule`."""
     if node.op == "call_module":
-        return rule_for_module(gm.get_submodule(node.target))
+        return rule_for_module(submodule(gm, node.target, modules))
     if node.op == "call_function":
         return FUNCTION_RULES.get(node.target)
     if node.op == "call_method":
@@ -230,11 +244,12 @@ class Ctx:
     def __init__(self, gm: torch.fx.GraphModule, node: torch.fx.Node, b: Builder, state: AnalysisState):
         self.gm, self.node, self.b, self.state = gm, node, b, state
 
-    @property
+    @functools.cached_property
     def module(self) -> nn.Module:
-        return self.gm.get_submodule(self.node.target)
+        """The called module (looked up once per node: rules ask for it several times)."""
+        return submodule(self.gm, self.node.target, self.state.modules)
 
-    @property
+    @functools.cached_property
     def out_shape(self) -> tuple[int, ...] | None:
         return shape_of(self.node)
 

@@ -36,7 +36,7 @@ def apply_rule(gm: torch.fx.GraphModule, node: torch.fx.Node, b: Builder, state:
     if size_node(ctx):
         node.meta[M.SPACES] = None
         return
-    rule = rule_for_node(gm, node)
+    rule = rule_for_node(gm, node, state.modules)
     if not tensor_args(node) and node.meta.get(M.TENSOR_META) is None:
         check_taint(ctx)  # plain Python values (or None picked from a tuple)
         node.meta[M.SPACES] = None

@@ -48,12 +48,11 @@ def _conv_spaces(ctx: Ctx, transposed: bool) -> None:
     rpg = ipg if transposed else opg
     if xs is None:
         ctx.b.pin(out)
-    for k in range(g):
-        els = [out.elements(np.arange(k * opg, (k + 1) * opg)),
-               w_rows.elements(np.arange(k * rpg, (k + 1) * rpg))]
-        if xs is not None:
-            els.append(xs.elements(np.arange(k * ipg, (k + 1) * ipg)))
-        ctx.b.union_many(np.concatenate(els))
+    # one row per group: its output block, weight rows and (when known) input block
+    blocks = [out.elements().reshape(g, opg), w_rows.elements().reshape(g, rpg)]
+    if xs is not None:
+        blocks.append(xs.elements().reshape(g, ipg))
+    ctx.b.union_rows(np.concatenate(blocks, axis=1))
     ctx.set(TensorSpaces((out,)))
 
 
@@ -198,8 +197,7 @@ def _couple_group_norm(ctx: Ctx) -> None:
         ctx.b.pin(out)
     sp[1] = out
     cpg = m.num_channels // m.num_groups
-    for k in range(m.num_groups):
-        ctx.b.union_many(out.elements(np.arange(k * cpg, (k + 1) * cpg)))
+    ctx.b.union_rows(out.elements()[: m.num_groups * cpg].reshape(m.num_groups, cpg))
     if m.affine:
         ctx.b.union(out, ctx.param("weight", 0))
         ctx.b.union(out, ctx.param("bias", 0))
@@ -379,12 +377,10 @@ def _couple_fconv(ctx: Ctx) -> None:
             ctx.b.pin(s)
     else:  # one unit per group: its output block, weight rows, bias entries and input block
         opg, ipg = sw[0] // g, sx[cd] // g
-        for k in range(g):
-            rows = np.arange(k * opg, (k + 1) * opg)
-            els = [s.elements(rows) for s in [out, w0] + bs]
-            if xs is not None:
-                els.append(xs.elements(np.arange(k * ipg, (k + 1) * ipg)))
-            ctx.b.union_many(np.concatenate(els))
+        els = [s.elements()[: g * opg].reshape(g, opg) for s in [out, w0] + bs]
+        if xs is not None:
+            els.append(xs.elements()[: g * ipg].reshape(g, ipg))
+        ctx.b.union_rows(np.concatenate(els, axis=1))
         if xs is None:
             ctx.b.pin(out)
     mark_primary(ctx, w, 0)
@@ -439,8 +435,7 @@ def _couple_fchannel_norm(per_channel: tuple[tuple[int, str], ...], primary: tup
                 ctx.b.pin(out)
             else:
                 cpg = out.size // n_groups
-                for k in range(n_groups):
-                    ctx.b.union_many(out.elements(np.arange(k * cpg, (k + 1) * cpg)))
+                ctx.b.union_rows(out.elements()[: n_groups * cpg].reshape(n_groups, cpg))
         for i, name in per_channel:
             a = ctx.arg(i, name)
             if isinstance(a, torch.fx.Node) and tie_or_pin(ctx, out, tensor_spaces(a).at(0)) is None:
