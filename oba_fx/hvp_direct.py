@@ -246,43 +246,10 @@ class _Generator:
             raise UnsupportedGraph(f"module {node.target!r}: padding {m.padding!r} / mode {m.padding_mode!r}")
         d = m.weight.dim() - 2
         geo = (_tuple(m.stride, d), _tuple(m.padding, d), _tuple(m.dilation, d), m.groups)
-        if self.tangent.get(node.args[0]) is not None:
-            return self.conv_fused(node, geo)
         return self.layer(node, node.target, lambda x, w, b: self.call(
             torch.ops.aten.convolution.default, x, w, b, *geo[:3], False, [0] * d, geo[3]),
             lambda g, x, w: self.call(R.conv_input_grad, g, x, w, *geo),
             lambda g, x, w: self.call(R.conv_weight_grad, g, x, w, *geo), R.channel_sum)
-
-    def conv_fused(self, node: torch.fx.Node, geo: tuple):
-        """A convolution whose input has a tangent: ``W ⋆ X`` and ``W ⋆ Ẋ`` in one call, and the
-        backward in one ``convolution_backward`` (:func:`~oba_fx.hvp_direct_ops.conv_pair_backward`)."""
-        name, xn = node.target, node.args[0]
-        x, xdot = self.primal[xn], self.tangent[xn]
-        (w, w_s), (b, b_s) = self.param(name, "weight"), self.param(name, "bias")
-        fold = w_s and b is None  # Ẏ = W ⋆ Ẋ + W ⋆ X
-        pair = self.call(R.conv_pair, x, xdot, w, *geo, fold)
-        y = self.item(pair, 0) if b is None else self.call(R.add_bias, self.item(pair, 0), b)
-        xx = self.item(pair, 2)
-        self.primal[node] = y
-        self.tangent[node] = (self.item(pair, 1) if fold else
-                              self.add(self.item(pair, 1), self.theta_part(y, b, w_s, b_s, 1)))
-
-        def backward(g, dg):
-            if dg is not None:
-                trip = self.call(R.conv_pair_backward, g, dg, xx, w, *geo, True, w_s, w_s)
-                xbar, hv = self.item(trip, 0), self.item(trip, 2) if w_s else None
-                self.pull(xn, xbar, self.item(trip, 1))
-            else:
-                xbar = self.call(R.conv_input_grad, g, x, w, *geo)
-                hv = self.call(R.conv_weight_grad, g, xdot, w, *geo) if w_s else None
-                self.pull(xn, xbar, xbar if w_s else None)
-            if w_s:
-                self.to_param(f"{name}.weight", self.call(R.conv_weight_grad, g, x, w, *geo) if self.with_grad
-                              else None, hv)
-            if b_s:
-                self.to_param(f"{name}.bias", self.call(R.channel_sum, g) if self.with_grad else None,
-                              self.call(R.channel_sum, dg) if dg is not None else None)
-        return backward
 
     def linear(self, node: torch.fx.Node, m: nn.Module):
         if node.kwargs or len(node.args) != 1:

@@ -46,11 +46,6 @@ def sub_bias(y: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return y - per_channel(b, y)
 
 
-def add_bias(y: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``y + b`` per channel."""
-    return y + per_channel(b, y)
-
-
 def bias_like(y: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``b`` per channel, broadcast to ``y``'s shape."""
     return per_channel(b, y).expand_as(y)
@@ -70,53 +65,6 @@ def conv_weight_grad(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, stride: 
     zeros = [0] * (w.dim() - 2)
     return aten.convolution_backward(g, x, w, None, stride, padding, dilation, False, zeros, groups,
                                      [False, True, False])[1]
-
-
-def conv_pair(x: torch.Tensor, xdot: torch.Tensor, w: torch.Tensor, stride: Sequence[int],
-              padding: Sequence[int], dilation: Sequence[int], groups: int, plus_primal: bool = False):
-    """``(W ⋆ X, W ⋆ Ẋ, [X; Ẋ])``: both convolutions in one call on the batch-concatenated input
-    (kept for :func:`conv_pair_backward`); with ``plus_primal`` the second is ``W ⋆ Ẋ + W ⋆ X``
-    (added in place into the fresh output).
-
-    Example:
-        >>> x, xd, w = torch.randn(2, 3, 5, 5), torch.randn(2, 3, 5, 5), torch.randn(4, 3, 3, 3)
-        >>> y, yd, _ = conv_pair(x, xd, w, [1, 1], [1, 1], [1, 1], 1)
-        >>> torch.allclose(yd, torch.conv2d(xd, w, padding=1), atol=1e-5)
-        True
-    """
-    xx = torch.cat([x, xdot])
-    zeros = [0] * (w.dim() - 2)
-    out = aten.convolution(xx, w, None, stride, padding, dilation, False, zeros, groups)
-    n = x.shape[0]
-    return out[:n], out[n:].add_(out[:n]) if plus_primal else out[n:], xx
-
-
-def conv_pair_backward(g: torch.Tensor, dg: torch.Tensor, xx: torch.Tensor, w: torch.Tensor,
-                       stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
-                       need_input: bool, need_weight: bool, plus_first: bool = False):
-    """``(Wᵀ ⋆ Ȳ, Wᵀ ⋆ Ȳ̇, corr(Ẋ, Ȳ) + corr(X, Ȳ̇))`` in one ``convolution_backward`` call.
-
-    The output gradient ``[Ȳ̇; Ȳ]`` meets the input ``xx = [X; Ẋ]`` of :func:`conv_pair`: the
-    weight-gradient sums over the batch, so it is the sum of both correlations; the
-    input-gradient does not depend on the input, so its halves are the two pullbacks. Outputs
-    not asked for are ``None``. With ``plus_first`` the second is ``Wᵀ ⋆ Ȳ̇ + Wᵀ ⋆ Ȳ`` (in place).
-
-    Example:
-        >>> x, xd, w = torch.randn(2, 3, 5, 5), torch.randn(2, 3, 5, 5), torch.randn(4, 3, 3, 3)
-        >>> g, dg = torch.randn(2, 4, 5, 5), torch.randn(2, 4, 5, 5)
-        >>> geo = ([1, 1], [1, 1], [1, 1], 1)
-        >>> xb, _, hv = conv_pair_backward(g, dg, torch.cat([x, xd]), w, *geo, True, True)
-        >>> ref = conv_weight_grad(g, xd, w, *geo) + conv_weight_grad(dg, x, w, *geo)
-        >>> torch.allclose(hv, ref, atol=1e-4), torch.allclose(xb, conv_input_grad(g, x, w, *geo), atol=1e-5)
-        (True, True)
-    """
-    zeros = [0] * (w.dim() - 2)
-    gi, gw, _ = aten.convolution_backward(torch.cat([dg, g]), xx, w, None, stride, padding, dilation, False,
-                                          zeros, groups, [need_input, need_weight, False])
-    n = g.shape[0]
-    if not need_input:
-        return None, None, gw
-    return gi[n:], gi[:n].add_(gi[n:]) if plus_first else gi[:n], gw
 
 
 def linear_weight_grad(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -238,6 +186,6 @@ def call_method(name: str) -> Callable:
     return method
 
 
-__all__ = ["per_channel", "channel_sum", "add", "conv_input_grad", "conv_weight_grad", "conv_pair",
-           "conv_pair_backward", "linear_weight_grad",
-           "linear_bias_grad", "unbroadcast", "normalised", "relu_mask", "pullback", "loss_head"]
+__all__ = ["per_channel", "channel_sum", "add", "conv_input_grad", "conv_weight_grad", "linear_weight_grad",
+           "linear_bias_grad", "unbroadcast", "normalised", "relu_mask", "scale_add", "bn_weight_hvp", "pullback",
+           "loss_head"]
