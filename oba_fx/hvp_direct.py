@@ -303,7 +303,8 @@ class _Generator:
         r = self.call(R.inv_std, var, m.eps)
         s = r if gm_ is None else self.call(operator.mul, r, gm_)
         theta = self.theta_part(y, bt, g_s, b_s, 1)
-        ydot = self.add(self.call(R.scale, xdot, s) if xdot is not None else None, theta)
+        ydot = (self.call(R.scale_add, xdot, s, theta) if xdot is not None and theta is not None
+                else self.add(self.call(R.scale, xdot, s) if xdot is not None else None, theta))
         self.primal[node], self.tangent[node] = y, ydot
         if ydot is None:
             return None
@@ -311,14 +312,18 @@ class _Generator:
         def backward(g, dg):
             if xdot is not None:
                 xbar = self.call(R.scale, g, s)
-                self.pull(xn, xbar, self.add(self.call(R.scale, dg, s) if dg is not None else None,
-                                             xbar if g_s else None))
+                if dg is not None and g_s:
+                    dxbar = self.call(R.scale_add, dg, s, xbar)
+                else:
+                    dxbar = self.add(self.call(R.scale, dg, s) if dg is not None else None, xbar if g_s else None)
+                self.pull(xn, xbar, dxbar)
             if g_s:
-                xhat = self.call(R.normalised, x, mean, r)
-                grad = self.call(R.channel_sum, self.call(operator.mul, g, xhat)) if self.with_grad else None
-                hv = self.add(self.call(operator.mul, dg, xhat) if dg is not None else None,
-                              self.call(operator.mul, g, self.call(R.scale, xdot, r)) if xdot is not None else None)
-                self.to_param(f"{name}.weight", grad, self.call(R.channel_sum, hv) if hv is not None else None)
+                grad = None
+                if self.with_grad:
+                    grad = self.call(R.channel_sum, self.call(operator.mul, g, self.call(R.normalised, x, mean, r)))
+                hv = (self.call(R.bn_weight_hvp, g, dg, x, xdot, mean, r) if dg is not None or xdot is not None
+                      else None)
+                self.to_param(f"{name}.weight", grad, hv)
             if b_s:
                 self.to_param(f"{name}.bias", self.call(R.channel_sum, g) if self.with_grad else None,
                               self.call(R.channel_sum, dg) if dg is not None else None)

@@ -102,6 +102,29 @@ def scale(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return t * per_channel(s, t)
 
 
+def scale_add(t: torch.Tensor, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``t · s + a`` per channel ``s``, in one kernel."""
+    return torch.addcmul(a, t, per_channel(s, t))
+
+
+def bn_weight_hvp(g: torch.Tensor, dg: torch.Tensor | None, x: torch.Tensor, xdot: torch.Tensor | None,
+                  mean: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """``Σ (Ȳ̇ x̂ + Ȳ Ẋ r)`` per channel with ``x̂ = (X − μ) r``, as ``r Σ (Ȳ̇ (X − μ) + Ȳ Ẋ)``
+    (the per-channel ``r`` taken out of the sum; ``None`` is an exact zero, not both).
+
+    Example:
+        >>> g, dg, x, xd = (torch.randn(2, 3, 4, 4, dtype=torch.float64) for _ in range(4))
+        >>> mu, r = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64)
+        >>> ref = channel_sum(dg * normalised(x, mu, r) + g * scale(xd, r))
+        >>> torch.allclose(bn_weight_hvp(g, dg, x, xd, mu, r), ref)
+        True
+    """
+    acc = None if dg is None else dg * (x - per_channel(mean, x))
+    if xdot is not None:
+        acc = g * xdot if acc is None else acc.addcmul_(g, xdot)
+    return channel_sum(acc) * r
+
+
 def relu_mask(g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``g`` where ``y > 0``, else 0 (ReLU's tangent and pullback)."""
     return aten.threshold_backward(g, y, 0)
@@ -164,4 +187,5 @@ def call_method(name: str) -> Callable:
 
 
 __all__ = ["per_channel", "channel_sum", "add", "conv_input_grad", "conv_weight_grad", "linear_weight_grad",
-           "linear_bias_grad", "unbroadcast", "normalised", "relu_mask", "pullback", "loss_head"]
+           "linear_bias_grad", "unbroadcast", "normalised", "relu_mask", "scale_add", "bn_weight_hvp", "pullback",
+           "loss_head"]

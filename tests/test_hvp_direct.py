@@ -70,6 +70,15 @@ def test_direct_program_with_frozen_parameters_is_that_block_of_the_hessian():
     assert relative_error(fp.flatten(r.hvps), hs.H @ fp.theta) < RTOL
 
 
+def test_direct_program_bn_scored_after_frozen_conv_is_that_block_of_the_hessian():
+    """BN weight scored with an input without tangent (the folded γ-HVP with ``Ẋ = 0``)."""
+    model, x, y = _vggish()
+    names = ["bn1.weight", "bn1.bias", "fc.weight"]
+    fp, hs = batch_hessians(model, x, y, names)
+    r = build_direct_program(model, param_names=names, hessian="full")(model, x, y)
+    assert relative_error(fp.flatten(r.hvps), hs.H @ fp.theta) < RTOL
+
+
 def test_direct_program_serves_any_batch_size():
     model, x, y = _vggish()
     prog = build_direct_program(model)
