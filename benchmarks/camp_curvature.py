@@ -22,17 +22,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from _common import machine
 from oba_fx.api import COMPENSATION_DEFAULTS
-from oba_fx.data import cifar10_loader, data_dir, load_cifar10_npz
 from oba_fx.evaluate import evaluate
-from oba_fx.models import get_model
 from oba_fx.passes import CompensatePass, ScorePass
 from oba_fx.passes.pipeline import analyze_model, prune
 from oba_fx.select import Target
-from ranking import WEIGHTS, calibration
+from ranking import WEIGHTS, pretrained_setup
 
 
 def kept_fractions(report: dict, model) -> dict:
@@ -53,15 +49,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="benchmarks/results/camp_curvature.json")
     a = p.parse_args()
-    torch.set_num_threads(a.threads)
-    root = data_dir(a.data)
-    test = cifar10_loader(root, "test_lossless1k", batch_size=250)
-    model = get_model(a.model, weights=str(root / "weights" / WEIGHTS[a.model])).eval()
-    train_x, train_y = load_cifar10_npz(root, "train")
-    calib = calibration(train_x, train_y, a.calib, a.seed)
+    test, model, calib, res = pretrained_setup(a.data, a.model, a.calib, a.seed, a)
     example = (calib[0][0][:1],)
-    res = {"settings": {**vars(a), "date": time.strftime("%Y-%m-%d")}, "machine": machine(),
-           "dense": evaluate(model, test), "rows": []}
     t0 = time.perf_counter()
     scored = analyze_model(model, example)
     ScorePass("camp", calib, progress=False, hessian=a.hessian, seed=a.seed)(scored)

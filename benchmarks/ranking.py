@@ -46,6 +46,22 @@ def calibration(x: torch.Tensor, y: torch.Tensor, n: int, seed: int, batch: int 
     return [(x[idx[i:i + batch]], y[idx[i:i + batch]]) for i in range(0, n, batch)]
 
 
+def pretrained_setup(data, model_name: str, n_calib: int, seed: int, args) -> tuple:
+    """Threads, the 1,000 exact test images, the pretrained model, its calibration batches and the
+    start of a result record (settings from ``args``, machine, dense accuracy)."""
+    from _common import machine
+
+    torch.set_num_threads(args.threads)
+    root = data_dir(data)
+    test = cifar10_loader(root, "test_lossless1k", batch_size=250)
+    model = get_model(model_name, weights=str(root / "weights" / WEIGHTS[model_name])).eval()
+    train_x, train_y = load_cifar10_npz(root, "train")
+    calib = calibration(train_x, train_y, n_calib, seed)
+    res = {"settings": {**vars(args), "date": time.strftime("%Y-%m-%d")}, "machine": machine(),
+           "dense": evaluate(model, test), "rows": []}
+    return test, model, calib, res
+
+
 def run_cell(model, spec, ratio, calib, tests, compensate: bool) -> dict:
     crit, extra = SPECS[spec]
     t0 = time.perf_counter()

@@ -21,14 +21,10 @@ import json
 import time
 from pathlib import Path
 
-import torch
 
 import oba_fx
-from _common import machine
-from oba_fx.data import cifar10_loader, data_dir, load_cifar10_npz
 from oba_fx.evaluate import evaluate
-from oba_fx.models import get_model
-from ranking import WEIGHTS, calibration
+from ranking import WEIGHTS, pretrained_setup
 
 
 def run(model, calib, test, criterion: str, ratio: float, steps: int, toward: str) -> dict:
@@ -53,14 +49,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="benchmarks/results/steps_compensation.json")
     a = p.parse_args()
-    torch.set_num_threads(a.threads)
-    root = data_dir(a.data)
-    test = cifar10_loader(root, "test_lossless1k", batch_size=250)
-    model = get_model(a.model, weights=str(root / "weights" / WEIGHTS[a.model])).eval()
-    train_x, train_y = load_cifar10_npz(root, "train")
-    calib = calibration(train_x, train_y, a.calib, a.seed)
-    res = {"settings": {**vars(a), "date": time.strftime("%Y-%m-%d")}, "machine": machine(),
-           "dense": evaluate(model, test), "rows": []}
+    test, model, calib, res = pretrained_setup(a.data, a.model, a.calib, a.seed, a)
     for steps, toward in ((1, "dense"), (a.steps, "previous"), (a.steps, "dense")):
         res["rows"].append(run(model, calib, test, a.criterion, a.ratio, steps, toward))
         print(json.dumps(res["rows"][-1]), flush=True)
