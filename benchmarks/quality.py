@@ -4,7 +4,9 @@ For every (criterion, retained-FLOPs target r), starting each time from the dens
 
 1. prune one-shot with ``oba_fx.prune_graph(..., bn_recalibration=False, compensate=False,
    keep_residual=False)`` (the protocol of the first measurements; ``benchmarks/ranking.py`` measures
-   the current defaults, compensation and kept residual streams) using ``--calib-batches``
+   the current defaults, compensation and kept residual streams; ``--compensation on`` or ``both``
+   adds the least-squares re-fit here, ``both`` running every criterion without and with it, the
+   rows labelled "+ LS re-fit") using ``--calib-batches``
    shuffled training batches of ``--calib-batch-size`` (fixed seed, the same batches for every
    criterion) -> accuracy "one-shot";
 2. re-estimate the BatchNorm statistics (``oba_fx.bn.recalibrate_bn``) on ``--bn-images`` other
@@ -90,6 +92,10 @@ CRITERION_SPECS: dict[str, tuple[str, str, str]] = {
     "l2": ("l2", "functional", "L2"),
     "random": ("random", "functional", "random"),
 }
+#: label suffix of the rows pruned with compensation
+REFIT = " + LS re-fit"
+#: --compensation -> the compensate= values each criterion is run with (False first)
+COMPENSATION_MODES = {"off": (False,), "on": (True,), "both": (False, True)}
 DEFAULT_CRITERIA = ["oba-functional", "oba-full", "taylor", "obd_fisher", "l1", "random"]
 VIT_DEFAULT_CRITERIA = ["oba-functional", "l1", "taylor"]
 #: accuracies below this are treated as near chance (10 classes) in the written summary
@@ -387,12 +393,13 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
             comp = []
             for r in sorted({c["r_target"] for c in cells}, reverse=True):
                 by = {c["label"]: c for c in cells if c["r_target"] == r}
-                l1 = (by.get("L1") or {}).get(stage) or {}
-                for lab in ("OBA (H_F)", "OBA (full H)"):
-                    o = (by.get(lab) or {}).get(stage) or {}
-                    if o.get("exact1k") is not None and l1.get("exact1k") is not None:
-                        comp.append((r, lab, 100 * (o["exact1k"] - l1["exact1k"]),
-                                     max(o["exact1k"], l1["exact1k"]) < CHANCE_BAND))
+                for refit in ("", REFIT):
+                    l1 = (by.get("L1" + refit) or {}).get(stage) or {}
+                    for lab in ("OBA (H_F)" + refit, "OBA (full H)" + refit):
+                        o = (by.get(lab) or {}).get(stage) or {}
+                        if o.get("exact1k") is not None and l1.get("exact1k") is not None:
+                            comp.append((r, lab, 100 * (o["exact1k"] - l1["exact1k"]),
+                                         max(o["exact1k"], l1["exact1k"]) < CHANCE_BAND))
             if comp:
                 two_se = 100 * math.sqrt(2) * 2 * _se(0.5, n1k)
                 parts = [f"{lab} at r={r}: {d:+.1f}" + (" (both near chance)" if ch else "")
@@ -403,6 +410,14 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
                 L.append(f"  - OBA minus L1 (points): {'; '.join(parts)}. Excluding near-chance pairs, OBA is "
                          f"clearly ahead (> {two_se:.1f} points) in {ahead}, clearly behind in {behind}, and within "
                          f"noise in {len(real) - ahead - behind} of {len(real)} comparisons.")
+            gains = [(r, c["label"], 100 * (c[stage]["exact1k"] - base[stage]["exact1k"]))
+                     for r in sorted({c["r_target"] for c in cells}, reverse=True)
+                     for c in cells if c["r_target"] == r and c["label"].endswith(REFIT) and c.get(stage)
+                     for base in cells if base["r_target"] == r and base["label"] == c["label"][:-len(REFIT)]
+                     and base.get(stage)]
+            if gains:
+                L.append("  - re-fit minus no re-fit, same criterion (points): "
+                         + "; ".join(f"{lab[:-len(REFIT)]} at r={r}: {d:+.1f}" for r, lab, d in gains) + ".")
         L.append("")
         if vit:
             L.extend(structure_markdown(cells))
@@ -537,6 +552,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ratios", type=float, nargs="+", default=[0.7, 0.5, 0.35], help="retained-FLOPs targets")
     p.add_argument("--criteria", nargs="+", default=None, choices=sorted(CRITERION_SPECS),
                    help=f"default: {' '.join(DEFAULT_CRITERIA)}; for {VIT_MODEL}: {' '.join(VIT_DEFAULT_CRITERIA)}")
+    p.add_argument("--compensation", default="off", choices=sorted(COMPENSATION_MODES),
+                   help="least-squares re-fit of the layers that read removed units (prune_graph's compensate=): "
+                        "off (this benchmark's first protocol), on, or both (each criterion twice, side by side)")
     p.add_argument("--calib-batches", type=int, default=10)
     p.add_argument("--calib-batch-size", type=int, default=64)
     p.add_argument("--bn-images", type=int, default=2000)
@@ -694,13 +712,17 @@ def main(argv=None) -> int:
         save(result, out, name)
 
     order = 0
+    variants = [(spec, comp) for spec in args.criteria for comp in COMPENSATION_MODES[args.compensation]]
     for r in args.ratios:
-        for spec in args.criteria:
+        for spec, comp in variants:
             crit, hess, label = CRITERION_SPECS[spec]
-            row = {"kind": "pruned", "spec": spec, "criterion": crit, "hessian": hess if crit == "oba" else None,
-                   "label": label, "r_target": r, "order": args.criteria.index(spec), "error": None}
+            if comp:
+                label += REFIT
+            row = {"kind": "pruned", "spec": spec + ("+ls" if comp else ""), "criterion": crit,
+                   "hessian": hess if crit == "oba" else None, "compensate": comp,
+                   "label": label, "r_target": r, "order": variants.index((spec, comp)), "error": None}
             order += 1
-            log.info("=== cell %d/%d: %s, r=%s", order, len(args.ratios) * len(args.criteria), label, r)
+            log.info("=== cell %d/%d: %s, r=%s", order, len(args.ratios) * len(variants), label, r)
             stage = "prune"
             t_cell = time.perf_counter()
             try:
@@ -708,7 +730,7 @@ def main(argv=None) -> int:
                 slim = prune_graph(dense, ex, criterion=crit, target_flops=r, data=calib,
                                    max_batches=args.calib_batches, hessian=hess, steps=1,
                                    bn_recalibration=False, seed=args.seed, verbose=False,
-                                   compensate=False, keep_residual=False)  # this benchmark's protocol
+                                   compensate=comp, keep_residual=False)  # this benchmark's protocol
                 row["prune_s"] = time.perf_counter() - t
                 meta = slim.meta["oba"]
                 row.update(flops_before=meta["flops_before"], flops_after=meta["flops_after"],
