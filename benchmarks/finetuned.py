@@ -23,7 +23,8 @@ were pruned are checked to be still zero after fine-tuning (unstructured rows: `
         [--criteria l1 taylor oba oba-full obs camp] [--unstructured magnitude taylor oba camp camp+merge]
         [--threads 1] [--train-limit N] [--resume]
 
-Writes ``benchmarks/results/finetuned.json`` (after every row) and ``finetuned.md``.
+Writes ``benchmarks/results/finetuned.json`` (after every row), ``finetuned.md`` and
+``finetuned.png``; ``--replot JSON`` rewrites the last two from a JSON only.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--name", default="finetuned")
     p.add_argument("--resume", action="store_true",
                    help="keep the rows already in <out>/<name>.json and run only the missing ones")
+    p.add_argument("--replot", default=None, metavar="JSON", help="rewrite <name>.md and <name>.png from JSON only")
     return p.parse_args(argv)
 
 
@@ -150,17 +152,55 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_plot(result: dict, path: Path) -> None:
+    """Exact-1k accuracy one-shot and fine-tuned, one bar pair per row, one panel per kind, with
+    the dense model before and after the same epoch as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    dense = next((r for r in rows if r["kind"] == "dense"), None)
+    kinds = [k for k in ("structured", "unstructured") if any(r["kind"] == k for r in rows)]
+    if not kinds:
+        return
+    fig, axes = plt.subplots(1, len(kinds), figsize=(7 * len(kinds), 4.6), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        sel = sorted((r for r in rows if r["kind"] == kind), key=lambda r: (-r["level"] if kind == "structured"
+                                                                          else r["level"], r["spec"]))
+        xs = range(len(sel))
+        ax.bar([x - 0.2 for x in xs], [100 * r["oneshot"]["exact1k"] for r in sel], 0.4, label="one-shot")
+        ax.bar([x + 0.2 for x in xs], [100 * r["tuned"]["exact1k"] for r in sel], 0.4, label="+ 1 distilled epoch")
+        if dense is not None:
+            ax.axhline(100 * dense["oneshot"]["exact1k"], color="k", ls="--", lw=1, label="dense")
+            ax.axhline(100 * dense["tuned"]["exact1k"], color="gray", ls=":", lw=1.2, label="dense + same epoch")
+        ax.set_xticks(list(xs), [f"{r['spec']}\n{r['level']}" for r in sel], fontsize=7)
+        ax.set_title(f"{kind} ({'retained FLOPs' if kind == 'structured' else 'sparsity'})")
+        ax.set_ylabel("top-1 on exact 1k test images (%)")
+        ax.set_ylim(0, 100)
+    axes[0][0].legend(fontsize=7, loc="lower left")
+    fig.suptitle(f"{result['settings']['model']}: pruned, then fine-tuned ({result['date'][:10]})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def save(result: dict, out: Path, name: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f"{name}.json.tmp"
     tmp.write_text(json.dumps(result, indent=1))
     os.replace(tmp, out / f"{name}.json")
     (out / f"{name}.md").write_text(markdown(result))
+    write_plot(result, out / f"{name}.png")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
+    if args.replot:
+        save(json.loads(Path(args.replot).read_text()), Path(args.out), args.name)
+        return 0
     torch.set_num_threads(args.threads)
     from oba_fx.data import cifar10_loader, data_dir, load_cifar10_npz
     from oba_fx.models import get_model
