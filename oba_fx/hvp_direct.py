@@ -47,14 +47,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import hvp_direct_ops as R
+from . import hvp_direct_refuse as X
+from .hvp_direct_refuse import UnsupportedGraph
+from .hvp_generic import NodeFn, add_tree, getitem_backward, getitem_forward
 from .hvp import LossFn, check_hessian, default_loss_fn, split_state, trainable_param_names
 from .hvp_program import HVPProgram, training_flags
 
 log = logging.getLogger(__name__)
-
-
-class UnsupportedGraph(Exception):
-    """The direct generator has no rule for a node (the message names it)."""
 
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -68,7 +67,7 @@ _LINEAR_FUNCTIONS = {operator.getitem, F.pad, torch.flatten, F.adaptive_avg_pool
                      torch.reshape, torch.permute, torch.transpose, F.dropout, operator.neg, torch.neg}
 _PIECEWISE_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.max_pool3d}
 _LINEAR_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "contiguous", "mean", "sum", "squeeze",
-                   "unsqueeze", "neg"}
+                   "unsqueeze", "neg", "expand"}
 _RELUS = {F.relu, torch.relu}
 _ADDS = {operator.add, torch.add}
 
@@ -100,6 +99,8 @@ class _Generator:
         self.grads: dict[str, list] = {n: [] for n in names}
         self.hvps: dict[str, list] = {n: [] for n in names}
         self.users_left: dict[torch.fx.Node, int] = {}
+        #: nodes written by the generic rule (their output may be a tuple)
+        self.generic_nodes: set[torch.fx.Node] = set()
 
     # -- emission helpers ------------------------------------------------------------------
     def call(self, fn: Any, *args: Any, **kwargs: Any) -> torch.fx.Node:
@@ -139,7 +140,11 @@ class _Generator:
         if not self.active(node):
             return
         acc = self.bar.setdefault(node, [None, None])
-        acc[0], acc[1] = self.add(acc[0], g), self.add(acc[1], dg)
+        if node in self.generic_nodes:  # tuples, and None at run time, add part by part
+            acc[0], acc[1] = (a if b is None else b if a is None else self.call(add_tree, a, b)
+                              for a, b in ((acc[0], g), (acc[1], dg)))
+        else:
+            acc[0], acc[1] = self.add(acc[0], g), self.add(acc[1], dg)
 
     def to_param(self, name: str, grad: Any, hv: Any) -> None:
         if self.with_grad and grad is not None:
@@ -192,7 +197,7 @@ class _Generator:
             self.primal[node], self.tangent[node] = self.x, None
             return None
         if node.op == "get_attr":
-            raise UnsupportedGraph(f"get_attr {node.target!r} (a functional layer)")
+            return self.get_attr(node)
         if node.op == "call_module":
             return self.module_rule(node)
         if node.op in ("call_function", "call_method"):
@@ -210,7 +215,7 @@ class _Generator:
         if kind in _BNS:
             return self.batchnorm(node, m)
         if next(m.parameters(recurse=True), None) is not None or next(m.buffers(), None) is not None:
-            raise UnsupportedGraph(f"module {node.target!r} ({kind.__name__}) has no HVP rule")
+            return self.generic(node)
         if kind is nn.ReLU:
             return self.relu(node, m.inplace)
         if kind in _LINEAR_MODULES or kind in _PIECEWISE_MODULES:
@@ -218,11 +223,13 @@ class _Generator:
                 raise UnsupportedGraph(f"module {node.target!r} (dropout in train mode)")
             self.root.add_module(node.target.replace(".", "_"), m)
             return self.unary(node, m, piecewise=kind in _PIECEWISE_MODULES)
-        raise UnsupportedGraph(f"module {node.target!r} ({kind.__name__}) has no HVP rule")
+        return self.generic(node)
 
     def function_rule(self, node: torch.fx.Node):
         t, method = node.target, node.op == "call_method"
-        if not self.any_active(node.args) and not self.any_active(node.kwargs):  # a constant in θ: copied
+        X.refuse_function(node)
+        if not self.any_active(node.args) and not self.any_active(node.kwargs) or X.is_metadata(node):
+            # a constant in θ (or a shape / dtype / device query): copied
             self.primal[node] = self.g.node_copy(node, lambda n: self.primal[n])
             self.tangent[node] = None
             return None
@@ -230,20 +237,22 @@ class _Generator:
             return self.relu(node, bool(node.kwargs.get("inplace", False)))
         if (not method and t in _ADDS) or (method and t == "add"):
             return self.add_rule(node)
+        if not method and t is operator.getitem and node.args[0] in self.generic_nodes:
+            return self.getitem_of_generic(node)
         if method and t in _LINEAR_METHODS:
             return self.unary(node, R.call_method(t), piecewise=False)
         if not method and (t in _LINEAR_FUNCTIONS or t in _PIECEWISE_FUNCTIONS):
             if t is F.pad and (node.kwargs.get("mode", "constant") != "constant" or node.kwargs.get("value") not in (None, 0)
                                or len(node.args) > 2):
-                raise UnsupportedGraph(f"node {node.name}: F.pad other than constant zero padding")
-            if t is F.dropout and (node.kwargs.get("training", True) or len(node.args) > 2):
-                raise UnsupportedGraph(f"node {node.name}: dropout in train mode")
+                return self.generic(node)  # reflect / replicate / non-zero padding
+            if t is F.dropout and len(node.args) > 2:
+                return self.generic(node)  # training given positionally: refused or run as it is
             return self.unary(node, t, piecewise=t in _PIECEWISE_FUNCTIONS)
-        raise UnsupportedGraph(f"node {node.name} ({getattr(t, '__name__', t)}) has no HVP rule")
+        return self.generic(node)
 
     def conv(self, node: torch.fx.Node, m: nn.Module):
         if m.padding_mode != "zeros" or isinstance(m.padding, str) or node.kwargs or len(node.args) != 1:
-            raise UnsupportedGraph(f"module {node.target!r}: padding {m.padding!r} / mode {m.padding_mode!r}")
+            return self.generic(node)  # padding "same" / reflect ...: run as one op
         d = m.weight.dim() - 2
         geo = (_tuple(m.stride, d), _tuple(m.padding, d), _tuple(m.dilation, d), m.groups)
         return self.layer(node, node.target, lambda x, w, b: self.call(
@@ -253,7 +262,7 @@ class _Generator:
 
     def linear(self, node: torch.fx.Node, m: nn.Module):
         if node.kwargs or len(node.args) != 1:
-            raise UnsupportedGraph(f"module {node.target!r} called with extra arguments")
+            return self.generic(node)
         return self.layer(node, node.target, lambda x, w, b: self.call(F.linear, x, w, b),
                           lambda g, x, w: self.call(torch.matmul, g, w),
                           lambda g, x, w: self.call(R.linear_weight_grad, g, x), R.linear_bias_grad, bias_dim=-1)
@@ -346,7 +355,7 @@ class _Generator:
 
     def add_rule(self, node: torch.fx.Node):
         if len(node.args) != 2 or node.kwargs:
-            raise UnsupportedGraph(f"node {node.name}: add with alpha / out")
+            return self.generic(node)  # add with alpha
         a, b = node.args
         y = self.call(operator.add, self.p(a), self.p(b))
         self.primal[node] = y
@@ -366,7 +375,7 @@ class _Generator:
     def unary(self, node: torch.fx.Node, op: Any, piecewise: bool):
         """An op linear (or, ``piecewise``, piecewise linear) in its first argument."""
         if not node.args or self.any_active(node.args[1:]) or self.any_active(node.kwargs):
-            raise UnsupportedGraph(f"node {node.name}: only the first argument may depend on the parameters")
+            return self.generic(node)  # linear in the first argument only: not this rule
         xn = node.args[0]
         if node.op == "call_module":
             y = self.g.call_module(node.target.replace(".", "_"), (self.primal[xn],) + self.p(node.args[1:]),
@@ -390,6 +399,94 @@ class _Generator:
         def backward(g, dg):
             pair = self.call(vjp, x, g, dg, *rest, **kw)
             self.pull(xn, self.item(pair, 0), self.item(pair, 1) if dg is not None else None)
+        return backward
+
+
+    def get_attr(self, node: torch.fx.Node):
+        """A parameter read as a tensor (``cls_token``, ``F.conv2d(x, self.conv.weight)``): its
+        tangent is itself if scored; its adjoint and the adjoint's tangent are its gradient and
+        ``(Hθ)``. A buffer is a constant; another tensor attribute is copied into the program."""
+        name = node.target
+        if name in self.ph:
+            self.primal[node] = self.ph[name]
+            self.tangent[node] = self.ph[name] if name in self.scored else None
+            if name not in self.scored:
+                return None
+
+            def backward(g, dg):
+                self.to_param(name, g if self.with_grad else None, dg)
+            return backward
+        obj = self.gm
+        for part in name.split("."):
+            obj = getattr(obj, part)
+        if not isinstance(obj, torch.Tensor) or isinstance(obj, nn.Parameter):
+            raise UnsupportedGraph(f"get_attr {name!r} ({type(obj).__name__})")
+        attr = "c_" + "".join(c if c.isalnum() else "_" for c in name)
+        setattr(self.root, attr, obj)
+        self.primal[node], self.tangent[node] = self.g.get_attr(attr), None
+        return None
+
+    def getitem_of_generic(self, node: torch.fx.Node):
+        """``x[i]`` of a generic node's output, which may be a tuple (``chunk``, a module returning
+        several tensors) or a tensor."""
+        xn, index = node.args[0], self.p(node.args[1])
+        out = self.call(getitem_forward, self.primal[xn], self.tangent[xn], index)
+        y = self.item(out, 0)
+        self.primal[node], self.tangent[node] = y, self.item(out, 1)
+        self.generic_nodes.add(node)
+
+        def backward(g, dg):
+            pair = self.call(getitem_backward, self.primal[xn], index, g, dg)
+            self.pull(xn, self.item(pair, 0), self.item(pair, 1) if dg is not None else None)
+        return backward
+
+    def generic(self, node: torch.fx.Node):
+        """Any other node, as ``Y = f(X, θ_own)`` differentiated exactly by ``torch.func`` at run
+        time (:mod:`oba_fx.hvp_generic`): its inputs with a tangent and its own scored parameters
+        are the variables, everything else (frozen parameters, buffers, non-tensor arguments) is
+        held constant."""
+        module, scored, others = None, [], []
+        if node.op == "call_module":
+            module = self.modules[node.target]
+            X.refuse_module(node.target, module)
+            for pname, _ in module.named_parameters():
+                (scored if f"{node.target}.{pname}" in self.scored else others).append(pname)
+            others += [bname for bname, _ in module.named_buffers()]
+            op = module
+        else:
+            X.refuse_function(node)
+            op = node.target
+        op, args, kwargs = X.out_of_place(node, op)
+        if node.op == "call_method":
+            op = R.call_method(op)
+        if isinstance(op, nn.Module):
+            module = op
+        flat = NodeFn.flat_values(args, kwargs)
+        active = [i for i, a in enumerate(flat) if self.active(a)]
+        attention = module is not None or op is F.scaled_dot_product_attention
+        full = (lambda n: f"{node.target}.{n}")
+        fn = NodeFn.build(op, args, kwargs, active, module=module, scored=tuple(scored), others=tuple(others),
+                          attention=attention)
+        values = [self.primal[a] if isinstance(a, torch.fx.Node) else a for a in flat]
+        sp = [self.ph[full(n)] for n in scored]
+        op_ = [self.ph[full(n)] for n in others]
+        if not active and not scored:
+            self.primal[node], self.tangent[node] = self.call(fn.value, values, op_), None
+            return None
+        tans = [self.tangent[flat[i]] for i in active]
+        out = self.call(fn.forward, values, tans, sp, op_)
+        y = self.item(out, 0)
+        self.primal[node], self.tangent[node] = y, self.item(out, 1)
+        self.generic_nodes.add(node)
+        log.debug("generic rule for node %s", node.name)
+
+        def backward(g, dg):
+            res = self.call(fn.backward, values, tans, sp, op_, y, g, dg)
+            xbar, xdbar, pbar, pdbar = (self.item(res, k) for k in range(4))
+            for k, i in enumerate(active):
+                self.pull(flat[i], self.item(xbar, k), self.item(xdbar, k))
+            for k, n in enumerate(scored):
+                self.to_param(full(n), self.item(pbar, k) if self.with_grad else None, self.item(pdbar, k))
         return backward
 
 
