@@ -48,6 +48,7 @@ import torch.nn.functional as F
 
 from . import hvp_direct_ops as R
 from . import hvp_direct_refuse as X
+from . import hvp_direct_tf as T
 from .hvp_direct_refuse import UnsupportedGraph
 from .hvp_generic import NodeFn, add_tree, getitem_backward, getitem_forward
 from .hvp import LossFn, check_hessian, default_loss_fn, split_state, trainable_param_names
@@ -214,6 +215,10 @@ class _Generator:
             return self.linear(node, m)
         if kind in _BNS:
             return self.batchnorm(node, m)
+        if kind is nn.LayerNorm and len(node.args) == 1 and not node.kwargs:
+            return self.layer_norm(node, m)
+        if kind is nn.GELU and m.approximate == "none" and len(node.args) == 1 and not node.kwargs:
+            return self.gelu(node)
         if next(m.parameters(recurse=True), None) is not None or next(m.buffers(), None) is not None:
             return self.generic(node)
         if kind is nn.ReLU:
@@ -237,6 +242,10 @@ class _Generator:
             return self.relu(node, bool(node.kwargs.get("inplace", False)))
         if (not method and t in _ADDS) or (method and t == "add"):
             return self.add_rule(node)
+        if not method and t is F.gelu and len(node.args) == 1 and node.kwargs.get("approximate", "none") == "none":
+            return self.gelu(node)
+        if not method and t is F.scaled_dot_product_attention and self.plain_attention(node):
+            return self.attention(node)
         if not method and t is operator.getitem and node.args[0] in self.generic_nodes:
             return self.getitem_of_generic(node)
         if method and t in _LINEAR_METHODS:
@@ -401,6 +410,76 @@ class _Generator:
             self.pull(xn, self.item(pair, 0), self.item(pair, 1) if dg is not None else None)
         return backward
 
+
+    def layer_norm(self, node: torch.fx.Node, m: nn.Module):
+        """LayerNorm over the last ``len(normalized_shape)`` dims (:mod:`oba_fx.hvp_direct_tf`)."""
+        name, xn = node.target, node.args[0]
+        x, xdot = self.primal[xn], self.tangent.get(xn)
+        (w, w_s), (b, b_s) = self.param(name, "weight"), self.param(name, "bias")
+        k = len(m.normalized_shape)
+        out = self.call(T.layer_norm_forward, x, xdot, w, b, w_s, b_s, k, m.eps)
+        y = self.item(out, 0)
+        self.primal[node] = y
+        if xdot is None and not w_s and not b_s:
+            self.tangent[node] = None
+            return None
+        self.tangent[node] = self.item(out, 1)
+        xhat, r, xhat_dot, mm = (self.item(out, i) for i in range(2, 6))
+
+        def backward(g, dg):
+            res = self.call(T.layer_norm_backward, g, dg, xhat, r, xhat_dot if xdot is not None else None,
+                            mm if xdot is not None else None, w, w_s, k, xdot is not None)
+            if xdot is not None:
+                self.pull(xn, self.item(res, 0), self.item(res, 1))
+            if w_s:
+                self.to_param(f"{name}.weight", self.item(res, 2) if self.with_grad else None, self.item(res, 3))
+            if b_s:
+                self.to_param(f"{name}.bias", self.item(res, 4) if self.with_grad else None,
+                              self.item(res, 5) if dg is not None else None)
+        return backward
+
+    def gelu(self, node: torch.fx.Node):
+        """Exact GELU, elementwise: ``Ẏ = f' Ẋ``, ``Ẋ̄ = f' Ȳ̇ + f'' Ẋ Ȳ``."""
+        xn = node.args[0]
+        x, xdot = self.primal[xn], self.tangent.get(xn)
+        if xdot is None:
+            self.primal[node], self.tangent[node] = self.call(F.gelu, x), None
+            return None
+        out = self.call(T.gelu_forward, x, xdot)
+        self.primal[node], self.tangent[node] = self.item(out, 0), self.item(out, 1)
+        d1, d2 = self.item(out, 2), self.item(out, 3)
+
+        def backward(g, dg):
+            pair = self.call(T.gelu_backward, d1, d2, xdot, g, dg)
+            self.pull(xn, self.item(pair, 0), self.item(pair, 1))
+        return backward
+
+    def plain_attention(self, node: torch.fx.Node) -> bool:
+        """q, k, v positional, a constant mask, no dropout / causal flag / GQA: the hand-written rule."""
+        allowed = {"attn_mask", "scale", "dropout_p", "is_causal", "enable_gqa"}
+        kw = node.kwargs
+        return (len(node.args) == 3 and set(kw) <= allowed and not self.active(kw.get("attn_mask"))
+                and kw.get("dropout_p", 0.0) in (0, 0.0) and not kw.get("is_causal", False)
+                and not kw.get("enable_gqa", False) and not isinstance(kw.get("scale"), torch.fx.Node))
+
+    def attention(self, node: torch.fx.Node):
+        """Scaled-dot-product attention (:mod:`oba_fx.hvp_direct_tf`)."""
+        qkv = node.args
+        prim = [self.primal[a] for a in qkv]
+        tans = [self.tangent.get(a) for a in qkv]
+        mask = self.p(node.kwargs.get("attn_mask"))
+        out = self.call(T.attention_forward, *prim, *tans, mask, node.kwargs.get("scale"))
+        self.primal[node], self.tangent[node] = self.item(out, 0), self.item(out, 1)
+        a, adot, scale = (self.item(out, i) for i in (2, 3, 4))
+        need = tuple(t is not None for t in tans)
+
+        def backward(g, dg):
+            res = self.call(T.attention_backward, *prim, *tans, a, adot, scale, g, dg, need)
+            bars, dbars = self.item(res, 0), self.item(res, 1)
+            for i, an in enumerate(qkv):
+                if need[i]:
+                    self.pull(an, self.item(bars, i), self.item(dbars, i))
+        return backward
 
     def get_attr(self, node: torch.fx.Node):
         """A parameter read as a tensor (``cls_token``, ``F.conv2d(x, self.conv.weight)``): its
