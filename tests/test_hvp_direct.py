@@ -86,9 +86,28 @@ def test_direct_program_serves_any_batch_size():
     assert all(torch.allclose(r.hvps[n], ref.hvps[n], rtol=1e-10, atol=1e-12) for n in ref.hvps)
 
 
-def test_graph_without_rules_is_refused_by_name():
-    model, _, _ = dense_case("gelu_layernorm")
-    with pytest.raises(UnsupportedGraph, match="gelu"):
+class _Noisy(nn.Module):
+    """A random op in the graph: not one fixed function, so no direct program."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.fc1(x))
+        return self.fc2(h + 0.0 * torch.rand_like(h))
+
+
+def _noisy():
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    return _Noisy().double().eval(), [(torch.randn(5, 4, generator=gen, dtype=torch.float64),
+                                       torch.randint(0, 3, (5,), generator=gen)) for _ in range(2)]
+
+
+def test_graph_with_a_random_op_is_refused_by_name():
+    model, _ = _noisy()
+    with pytest.raises(UnsupportedGraph, match="rand_like"):
         build_direct_program(model)
 
 
@@ -143,7 +162,7 @@ def test_prune_graph_generates_once_across_calls():
 
 
 def test_unsupported_model_without_example_inputs_runs_eagerly():
-    model, data, _ = dense_case("gelu_layernorm")
+    model, data = _noisy()
     hvp_cache.clear()
     s = oba_fx.score(model, data, criterion="oba", progress=False)
     assert hvp_cache.stats["generated"] == 0 and hvp_cache.stats["unsupported"] == 1
