@@ -3,7 +3,9 @@
 :func:`program_for` returns, for a model in its scoring mode and one calibration batch:
 
 1. the program of :mod:`oba_fx.hvp_direct` (generated from the FX graph in well under a second,
-   valid for any batch size) when every node of the graph has a rule;
+   valid for any batch size; CNNs and transformers: a node without a specific rule gets the
+   generic one) unless the graph holds something it refuses (a random op, train-mode BatchNorm
+   or dropout, an in-place op on a shared tensor, several inputs);
 2. else, only when ``make_fx_ok`` (the caller passed ``example_inputs``), the ``make_fx`` program
    of :mod:`oba_fx.hvp_program` for this batch's shape (a one-off trace of seconds);
 3. else ``None``: the caller runs the eager fused HVP.

@@ -11,6 +11,14 @@ with the simplifications of :mod:`oba_fx.hvp_simplify` built into each rule:
 * ReLU, max-pooling, and ops linear in their input (add, slicing, padding, average pooling,
   reshapes, eval-mode dropout): their second derivative is zero, so tangent and pullback are
   the op's own (pulled back twice: ``Ȳ`` and ``Ȳ̇``);
+* LayerNorm, exact GELU and scaled-dot-product attention, written out by hand
+  (:mod:`oba_fx.hvp_direct_tf`);
+* a parameter read as a tensor (``get_attr``: a class token, a position embedding, a functional
+  layer's weight): its tangent is itself, its adjoint's tangent is its ``(Hθ)``;
+* **every other node** (``call_function``, ``call_method``, a leaf module with or without its own
+  parameters): the generic rule of :mod:`oba_fx.hvp_generic` runs it as ``f(X, θ_own)`` and
+  differentiates that one op exactly with ``torch.func`` (``jvp`` forward; ``vjp`` and the ``jvp``
+  of the ``vjp`` backward), non-tensor arguments passed through;
 * the loss head: ``c = ∂ℓ/∂z`` (held fixed for ``hessian="functional"``; with its tangent
   ``∇²_z ℓ ż`` for ``"full"``).
 
@@ -18,10 +26,11 @@ Exact zeros are decided while generating (a tensor has a tangent only if a score
 reaches it), so the program holds no zero arithmetic; it costs 2 convolutions per layer forward
 and 4 backward (2x a gradient's 3). A frozen parameter has tangent zero. The program reads
 every tensor from its placeholders (an :class:`~oba_fx.hvp_program.HVPProgram`), works for any
-batch size, and is generated in milliseconds. A graph with an op outside these rules (or a
-module in a mode they do not cover: train-mode BatchNorm or dropout) raises
-:class:`UnsupportedGraph`; :mod:`oba_fx.hvp_cache` then uses the ``make_fx`` program or the eager
-path.
+batch size, and is generated in milliseconds, CNNs and transformers alike. What is not one fixed
+function of its inputs raises :class:`UnsupportedGraph` (:mod:`oba_fx.hvp_direct_refuse`: random
+ops, train-mode BatchNorm / dropout, attention dropout, an in-place op on a tensor other nodes
+read, several model inputs); :mod:`oba_fx.hvp_cache` then uses the ``make_fx`` program or the
+eager path.
 
 Example:
     >>> import torch

@@ -224,3 +224,23 @@ def test_nodefn_without_forward_ad_formula_falls_back_to_double_backward():
     fd = (pull(x + 1e-6 * x, w + 1e-6 * w)[0] - pull(x - 1e-6 * x, w - 1e-6 * w)[0]) / 2e-6
     assert torch.allclose(xbar[0], pull(x, w)[0])
     assert (xdbar[0] - fd).abs().max() <= 1e-5 * fd.abs().max()  # central differences, step 1e-6
+
+
+class TokenModel(nn.Module):
+    """Integer token ids: an Embedding (a generic leaf module whose only variable is its weight)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.ln, self.fc = nn.Embedding(7, 4), nn.LayerNorm(4), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.ln(self.emb(x)).mean(1))
+
+
+@pytest.mark.parametrize("hessian", ["functional", "full"])
+def test_embedding_of_integer_inputs_is_exact(hessian):
+    torch.manual_seed(0)
+    model = _randomise(TokenModel().double().eval())
+    gen = torch.Generator().manual_seed(8)
+    x, y = torch.randint(0, 7, (5, 3), generator=gen), torch.randint(0, 3, (5,), generator=gen)
+    assert _exact(build_direct_program(model, hessian=hessian), model, x, y, hessian) < RTOL
