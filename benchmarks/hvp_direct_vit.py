@@ -8,10 +8,11 @@ does) so that the program is generated from the same graph the pipeline scores. 
 
 Columns: median (and range) wall time over ``--runs`` rounds after one warm-up, the methods
 interleaved round by round so machine load hits all alike; the program's one-off generation time
-(median of ``--runs`` generations from the traced graph).
+(median of ``--runs`` generations from the traced graph). "generic rule only": the same program
+with the hand-written LayerNorm / GELU / attention rules switched off (``torch.func`` on each).
 
 Usage:
-    OMP_NUM_THREADS=1 python benchmarks/hvp_direct_vit.py --runs 5
+    OMP_NUM_THREADS=1 python -m benchmarks.hvp_direct_vit --runs 7   # from the repository root
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from oba_fx.hvp import fused_hvp
-from oba_fx.hvp_direct import build_direct_program
+from oba_fx.hvp_direct import _Generator, build_direct_program
 from oba_fx.models.vit_cifar import vit_cifar
 
 
@@ -79,9 +80,13 @@ def main(argv: list[str] | None = None) -> dict:
         prog = build_direct_program(model, hessian="functional", with_grad=False)
         gen_times.append(time.perf_counter() - t0)
     prog_g = build_direct_program(model, hessian="functional", with_grad=True)
+    _Generator.transformer_rules = False
+    prog_generic = build_direct_program(model, hessian="functional", with_grad=False)
+    _Generator.transformer_rules = True
     fns = {"grad": gradient_fn(model, x, y),
            "program functional": lambda: prog(model, x, y),
            "program functional (+g)": lambda: prog_g(model, x, y),
+           "program functional, generic rule only": lambda: prog_generic(model, x, y),
            "eager fused_hvp functional": lambda: fused_hvp(model, (x, y), hessian="functional")}
     times = interleaved(fns, args.runs)
     base = statistics.median(times["grad"])
@@ -92,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     for k, v in times.items():
         med = statistics.median(v)
         out["methods"][k] = {"median_s": med, "min_s": min(v), "max_s": max(v), "x_grad": med / base}
-        print(f"  {k:28s} {med * 1e3:8.1f} ms  ({min(v) * 1e3:.1f}-{max(v) * 1e3:.1f})  {med / base:.2f}x grad")
+        print(f"  {k:38s} {med * 1e3:8.1f} ms  ({min(v) * 1e3:.1f}-{max(v) * 1e3:.1f})  {med / base:.2f}x grad")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -90,6 +90,10 @@ class _Generator:
     """One pass over ``gm``'s nodes writing the forward (primal, tangent), then one in reverse
     writing the backward (adjoint, its tangent)."""
 
+    #: use the hand-written LayerNorm / GELU / attention rules (False: the generic rule; for
+    #: benchmarks/hvp_direct_vit.py, which measures both)
+    transformer_rules = True
+
     def __init__(self, gm: torch.fx.GraphModule, names: Sequence[str], frozen: Sequence[str],
                  buffers: Sequence[str], loss_fn: LossFn, hessian: str, with_grad: bool) -> None:
         self.gm, self.with_grad, self.full = gm, with_grad, hessian == "full"
@@ -224,9 +228,10 @@ class _Generator:
             return self.linear(node, m)
         if kind in _BNS:
             return self.batchnorm(node, m)
-        if kind is nn.LayerNorm and len(node.args) == 1 and not node.kwargs:
+        if kind is nn.LayerNorm and len(node.args) == 1 and not node.kwargs and self.transformer_rules:
             return self.layer_norm(node, m)
-        if kind is nn.GELU and m.approximate == "none" and len(node.args) == 1 and not node.kwargs:
+        if kind is nn.GELU and m.approximate == "none" and len(node.args) == 1 and not node.kwargs \
+                and self.transformer_rules:
             return self.gelu(node)
         if next(m.parameters(recurse=True), None) is not None or next(m.buffers(), None) is not None:
             return self.generic(node)
@@ -251,9 +256,10 @@ class _Generator:
             return self.relu(node, bool(node.kwargs.get("inplace", False)))
         if (not method and t in _ADDS) or (method and t == "add"):
             return self.add_rule(node)
-        if not method and t is F.gelu and len(node.args) == 1 and node.kwargs.get("approximate", "none") == "none":
+        if not method and t is F.gelu and len(node.args) == 1 and node.kwargs.get("approximate", "none") == "none" \
+                and self.transformer_rules:
             return self.gelu(node)
-        if not method and t is F.scaled_dot_product_attention and self.plain_attention(node):
+        if not method and t is F.scaled_dot_product_attention and self.plain_attention(node) and self.transformer_rules:
             return self.attention(node)
         if not method and t is operator.getitem and node.args[0] in self.generic_nodes:
             return self.getitem_of_generic(node)

@@ -244,3 +244,17 @@ def test_embedding_of_integer_inputs_is_exact(hessian):
     gen = torch.Generator().manual_seed(8)
     x, y = torch.randint(0, 7, (5, 3), generator=gen), torch.randint(0, 3, (5,), generator=gen)
     assert _exact(build_direct_program(model, hessian=hessian), model, x, y, hessian) < RTOL
+
+
+@pytest.mark.parametrize("hessian", ["functional", "full"])
+def test_transformer_block_through_the_generic_rule_alone_is_exact(hessian, monkeypatch):
+    """LayerNorm, GELU and attention by torch.func on each op (the hand-written rules off)."""
+    from oba_fx.hvp_direct import _Generator
+
+    monkeypatch.setattr(_Generator, "transformer_rules", False)
+    model, data, dense = dense_case("transformer_block")
+    fp, hs = dense[0]
+    prog = build_direct_program(model, hessian=hessian)
+    assert not any(getattr(n.target, "__module__", "") == "oba_fx.hvp_direct_tf" for n in prog.graph_module.graph.nodes)
+    r = prog(model, *data[0])
+    assert relative_error(fp.flatten(r.hvps), (hs.H if hessian == "full" else hs.H_F) @ fp.theta) < RTOL
