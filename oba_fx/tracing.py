@@ -22,8 +22,9 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.fx
 import torch.nn as nn
+from torch.fx.node import map_aggregate
 
-from . import attention
+from . import attention, meta_fast
 from .checks import check_model
 from .errors import BadInputError, TraceError
 from .meta import SPECIALISED
@@ -254,27 +255,40 @@ class _MetaShapes(torch.fx.Interpreter):
     """
 
     def call_module(self, target: Any, args: tuple, kwargs: dict) -> Any:
-        if not kwargs and len(args) == 1 and _like_input(self.fetch_attr(target), target, args[0]):
-            return torch.empty_like(args[0])
+        if not kwargs and len(args) == 1:
+            m = self.fetch_attr(target)
+            if _like_input(m, target, args[0]):
+                return meta_fast.like(args[0])
+            out = meta_fast.module_result(m, args[0])
+            if out is not None:
+                return out
         return super().call_module(target, args, kwargs)
 
+    def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        out = meta_fast.function_result(target, args, kwargs)
+        return super().call_function(target, args, kwargs) if out is None else out
+
+    def call_method(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        out = meta_fast.method_result(target, args, kwargs)
+        return super().call_method(target, args, kwargs) if out is None else out
+
     def run_node(self, n: torch.fx.Node) -> Any:
-        from torch.fx.node import map_aggregate
-        from torch.fx.passes.shape_prop import _extract_tensor_metadata
-
         result = super().run_node(n)
-        found = False
+        if isinstance(result, torch.Tensor):
+            n.meta["tensor_meta"] = meta_fast.tensor_metadata(result)
+        else:
+            found = False
 
-        def record(obj: Any) -> Any:
-            nonlocal found
-            if isinstance(obj, torch.Tensor):
-                found = True
-                return _extract_tensor_metadata(obj)
-            return obj
+            def record(obj: Any) -> Any:
+                nonlocal found
+                if isinstance(obj, torch.Tensor):
+                    found = True
+                    return meta_fast.tensor_metadata(obj)
+                return obj
 
-        meta = map_aggregate(result, record)
-        if found:
-            n.meta["tensor_meta"] = meta
+            meta = map_aggregate(result, record)
+            if found:
+                n.meta["tensor_meta"] = meta
         n.meta["type"] = type(result)
         return result
 

@@ -1,0 +1,189 @@
+"""Shortcuts for shape propagation on the ``meta`` device, each giving exactly what the op gives.
+
+On ``meta`` tensors a Conv2d costs tens of microseconds and an ``AdaptiveAvgPool2d``, an ``add``
+or an ``empty_like`` hundreds: their shape functions run in Python (``torch._refs``,
+``torch._meta_registrations``). For the common cases the result is an empty ``meta`` tensor whose
+shape follows from a formula and whose strides are the contiguous ones: these functions build it
+directly. Each shortcut applies only where the op's own result is certainly that (the torch.nn
+class itself, not a subclass; a contiguous input that is not also channels-last contiguous, so
+no layout choice is ambiguous; the checks torch makes passed); anything else returns ``None`` and
+the caller runs the op itself, so that torch's own error surfaces.
+``tests/test_meta_fast.py`` compares every shortcut with the op it replaces.
+
+Example:
+    >>> import torch
+    >>> x = torch.empty(2, 3, 8, 8, device="meta")
+    >>> conv = torch.nn.Conv2d(3, 5, 3, stride=2, padding=1).to("meta")
+    >>> tuple(module_result(conv, x).shape)
+    (2, 5, 4, 4)
+    >>> tensor_metadata(x).memory_format
+    torch.contiguous_format
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
+
+_CONVS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+_ADAPTIVE_AVG = {nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3}
+_BINARY = {operator.add, operator.mul, torch.add, torch.mul}
+_BINARY_METHODS = {"add", "mul"}
+_NUMBER = (int, float)
+
+
+def tensor_metadata(t: torch.Tensor) -> TensorMetadata:
+    """``torch.fx.passes.shape_prop._extract_tensor_metadata(t)``, with the memory format from
+    the tensor's own contiguity flags instead of recomputing them in Python.
+
+    Example:
+        >>> t = torch.empty(1, 4, 3, 3).to(memory_format=torch.channels_last)
+        >>> tensor_metadata(t) == _extract_tensor_metadata(t)
+        True
+    """
+    if t.layout is not torch.strided or t.is_quantized:
+        return _extract_tensor_metadata(t)
+    if t.is_contiguous():
+        fmt = torch.contiguous_format
+    elif t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        fmt = torch.channels_last
+    elif t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d):
+        fmt = torch.channels_last_3d
+    else:
+        fmt = None
+    return TensorMetadata(t.shape, t.dtype, t.requires_grad, t.stride(), fmt, False, {})
+
+
+def _meta_float(x: Any) -> bool:
+    """A floating-point strided ``meta`` tensor."""
+    return isinstance(x, torch.Tensor) and x.device.type == "meta" and x.is_floating_point() and x.layout is torch.strided
+
+
+def _plain(x: Any) -> bool:
+    """A floating-point ``meta`` tensor, contiguous and not also channels-last contiguous."""
+    return (_meta_float(x) and x.is_contiguous()
+            and not (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+            and not (x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)))
+
+
+def _empty(shape: Any, like: torch.Tensor) -> torch.Tensor:
+    return torch.empty(shape, dtype=like.dtype, device="meta")
+
+
+def _contiguous_strides(shape: Any) -> tuple:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def like(x: torch.Tensor) -> torch.Tensor:
+    """``torch.empty_like(x)`` on ``meta`` (``empty_like`` runs in Python there).
+
+    Example:
+        >>> like(torch.empty(2, 3, device="meta")).stride()
+        (3, 1)
+    """
+    if _plain(x) and x.stride() == _contiguous_strides(x.shape):
+        return _empty(x.shape, x)
+    return torch.empty_like(x)
+
+
+def _weights_ok(m: nn.Module, x: torch.Tensor) -> bool:
+    """The layer's weight (and bias) are ``meta`` tensors of ``x``'s dtype, the bias one per output."""
+    w, b = m.weight, m.bias
+    return (isinstance(w, torch.Tensor) and w.device.type == "meta" and w.dtype == x.dtype
+            and (b is None or (isinstance(b, torch.Tensor) and b.device.type == "meta" and b.dtype == x.dtype
+                               and b.shape == (w.shape[0],))))
+
+
+def _conv_result(m: nn.Module, x: torch.Tensor, n: int) -> torch.Tensor | None:
+    if m.padding_mode != "zeros" or isinstance(m.padding, str) or x.dim() != n + 2 or not _weights_ok(m, x):
+        return None
+    w, g = m.weight, m.groups
+    if w.dim() != n + 2 or x.shape[1] != w.shape[1] * g or w.shape[0] % g or 0 in x.shape or 0 in w.shape:
+        return None
+    if not len(m.stride) == len(m.padding) == len(m.dilation) == n:
+        return None
+    out = [x.shape[0], w.shape[0]]
+    for size, k, s, p, d in zip(x.shape[2:], w.shape[2:], m.stride, m.padding, m.dilation):
+        o = (size + 2 * p - d * (k - 1) - 1) // s + 1
+        if o < 1 or s < 1 or d < 1 or p < 0:
+            return None
+        out.append(o)
+    return _empty(out, x)
+
+
+def _linear_result(m: nn.Linear, x: torch.Tensor) -> torch.Tensor | None:
+    if x.dim() not in (2, 3) or not _weights_ok(m, x) or m.weight.dim() != 2 or x.shape[-1] != m.weight.shape[1]:
+        return None
+    return _empty((*x.shape[:-1], m.weight.shape[0]), x)
+
+
+def _adaptive_avg_result(m: nn.Module, x: torch.Tensor, n: int) -> torch.Tensor | None:
+    if x.dim() != n + 2 or any(s == 0 for s in x.shape):
+        return None
+    size = m.output_size if isinstance(m.output_size, tuple) else (m.output_size,) * n
+    if len(size) != n:
+        return None
+    out = [x.shape[i + 2] if s is None else s for i, s in enumerate(size)]
+    if any(not isinstance(s, int) or s < 1 for s in out):
+        return None
+    return _empty((*x.shape[:2], *out), x)
+
+
+def module_result(m: nn.Module, x: Any) -> torch.Tensor | None:
+    """What the eval-mode module ``m`` returns for the single input ``x``, when it is an empty
+    contiguous tensor whose shape follows from a formula; else ``None``.
+
+    Covers ``nn.Conv1d/2d/3d`` (numeric padding, zero padding mode, batched input of any layout),
+    ``nn.Linear`` (2-d or 3-d input of any layout) and ``nn.AdaptiveAvgPool1d/2d/3d`` (batched
+    contiguous input).
+    """
+    kind = type(m)
+    if not _meta_float(x):
+        return None
+    if kind in _CONVS:  # torch's meta convolution and linear layer return contiguous tensors
+        return _conv_result(m, x, _CONVS[kind])
+    if kind is nn.Linear:
+        return _linear_result(m, x)
+    if kind in _ADAPTIVE_AVG and _plain(x):  # its layout follows the input's
+        return _adaptive_avg_result(m, x, _ADAPTIVE_AVG[kind])
+    return None
+
+
+def _same_shape_result(args: tuple) -> torch.Tensor | None:
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if not tensors or not all(isinstance(a, torch.Tensor) or type(a) in _NUMBER for a in args):
+        return None
+    first = tensors[0]
+    if first.dim() == 0 or not all(_plain(t) and t.dtype == first.dtype and t.shape == first.shape for t in tensors):
+        return None
+    return _empty(first.shape, first)
+
+
+def function_result(target: Any, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """What ``target(*args, **kwargs)`` returns, for ``add``/``mul`` (``operator``, ``torch``) of
+    floating-point tensors of one shape and dtype (and Python numbers); else ``None``.
+
+    Example:
+        >>> x = torch.empty(2, 3, device="meta")
+        >>> tuple(function_result(operator.add, (x, x), {}).shape)
+        (2, 3)
+    """
+    if kwargs or len(args) != 2 or target not in _BINARY:
+        return None
+    return _same_shape_result(args)
+
+
+def method_result(name: str, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """What ``args[0].<name>(*args[1:], **kwargs)`` returns, for ``Tensor.add`` / ``Tensor.mul`` as
+    :func:`function_result`; else ``None``."""
+    if kwargs or len(args) != 2 or name not in _BINARY_METHODS or not isinstance(args[0], torch.Tensor):
+        return None
+    return _same_shape_result(args)
