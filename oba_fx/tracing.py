@@ -79,7 +79,8 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[type | str] = (),
 
     With ``share_weights`` the copy's modules are new but its parameters and buffers are the
     model's own tensors (no copy of the weights): only for an analysis that reads the graph and
-    never writes a weight (``oba_fx.explain``, ``oba_fx.hessian_structure``).
+    never writes a weight (``oba_fx.explain``, ``oba_fx.hessian_structure``); the GraphModule then
+    writes its ``forward`` code on first use (:func:`graph_module`).
 
     With ``lower_attention`` every ``nn.MultiheadAttention`` of the copy (unless listed in
     ``leaf_modules``) is traced as :class:`oba_fx.attention.MultiheadAttention` (same parameters,
@@ -103,7 +104,7 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[type | str] = (),
             gm.meta[SPECIALISED] = specialised
         return gm
     try:
-        return _trace_with(LeafTracer(leaf_modules), root, model, concrete_args, lower_attention)
+        return _trace_with(LeafTracer(leaf_modules), root, model, concrete_args, lower_attention, share_weights)
     except TraceError as e:
         if example_inputs is None:
             raise
@@ -113,7 +114,8 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[type | str] = (),
 
     shape_tracer = ShapeTracer(as_tuple(example_inputs), leaf_modules)
     try:
-        gm = _trace_with(shape_tracer, deepcopy_modules(model, dict(shared)), model, concrete_args, lower_attention)
+        gm = _trace_with(shape_tracer, deepcopy_modules(model, dict(shared)), model, concrete_args, lower_attention,
+                         share_weights)
     except TraceError as e:
         raise TraceError(e.where, f"{e.why} (tracing again with the example input shapes did not help; "
                          f"plain symbolic tracing said: {first.why})", e.line) from e
@@ -125,8 +127,9 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[type | str] = (),
 
 
 def _trace_with(tracer: torch.fx.Tracer, root: nn.Module, model: nn.Module, concrete_args: dict | None,
-                lower_attention: bool) -> torch.fx.GraphModule:
-    """``tracer`` on ``root`` (a copy of ``model``); failures as :class:`TraceError`."""
+                lower_attention: bool, lazy: bool = False) -> torch.fx.GraphModule:
+    """``tracer`` on ``root`` (a copy of ``model``); failures as :class:`TraceError`. With ``lazy``
+    the GraphModule generates its Python code on first use (:func:`graph_module`)."""
     lowered = attention.lower_attention(root, tracer.leaf_names, tracer.leaf_types) if lower_attention else []
     try:
         graph = tracer.trace(root, concrete_args=concrete_args)
@@ -134,9 +137,31 @@ def _trace_with(tracer: torch.fx.Tracer, root: nn.Module, model: nn.Module, conc
         stack = list(getattr(tracer, "module_stack", {}) or {})
         where = f"module {stack[-1]!r}" if stack and stack[-1] else f"model {type(model).__name__}"
         raise TraceError(where, f"{type(e).__name__}: {e}", _user_frame(e.__traceback__)) from e
-    gm = torch.fx.GraphModule(tracer.root, graph, type(root).__name__)
+    gm = graph_module(tracer.root, graph, type(root).__name__, lazy)
     attention.drop_dead_code(gm, lowered)
     return gm
+
+
+def graph_module(root: nn.Module, graph: torch.fx.Graph, name: str, lazy: bool) -> torch.fx.GraphModule:
+    """``torch.fx.GraphModule(root, graph, name)``; with ``lazy`` one that writes and compiles its
+    ``forward`` code only when it is first called or its ``code`` read (torch's
+    ``_LazyGraphModule``, where this torch has it), which is most of building a GraphModule and
+    what an analysis that only reads the graph never needs.
+
+    Example:
+        >>> g = torch.fx.symbolic_trace(torch.nn.ReLU()).graph
+        >>> gm = graph_module(torch.nn.Module(), g, "M", lazy=True)
+        >>> isinstance(gm, torch.fx.GraphModule), gm(torch.tensor([-1.0, 2.0])).tolist()
+        (True, [0.0, 2.0])
+    """
+    if lazy:
+        try:
+            from torch.fx._lazy_graph_module import _LazyGraphModule
+        except ImportError:  # an older torch: built eagerly
+            pass
+        else:
+            return _LazyGraphModule(root, graph, name)
+    return torch.fx.GraphModule(root, graph, name)
 
 
 def specialisation(example_inputs: Any, error: TraceError) -> dict:
