@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import operator
 from typing import Any
 
@@ -34,6 +35,11 @@ _ADAPTIVE_AVG = {nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAv
 _BINARY = {operator.add, operator.mul, torch.add, torch.mul}
 _BINARY_METHODS = {"add", "mul"}
 _NUMBER = (int, float)
+
+try:  # the rule torch's meta functions use to lay out elementwise results and ``empty_like``
+    from torch._prims_common import compute_elementwise_output_logical_to_physical_perm as _output_perm
+except ImportError:  # not in this torch: those ops are run as they are
+    _output_perm = None
 
 
 def tensor_metadata(t: torch.Tensor) -> TensorMetadata:
@@ -82,6 +88,16 @@ def _contiguous_strides(shape: Any) -> tuple:
     return tuple(reversed(strides))
 
 
+def _permuted(shape: Any, tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor | None:
+    """An empty ``meta`` tensor laid out as torch lays out an elementwise result of ``tensors``
+    (all of ``shape``): the layout rule of ``torch._prims_common``, called directly; ``None``
+    where this torch has no such rule."""
+    if _output_perm is None:
+        return None
+    perm = _output_perm(*tensors)
+    return torch.empty_permuted(shape, perm[0] if isinstance(perm, tuple) else perm, dtype=dtype, device="meta")
+
+
 def like(x: torch.Tensor) -> torch.Tensor:
     """``torch.empty_like(x)`` on ``meta`` (``empty_like`` runs in Python there).
 
@@ -91,6 +107,10 @@ def like(x: torch.Tensor) -> torch.Tensor:
     """
     if _plain(x) and x.stride() == _contiguous_strides(x.shape):
         return _empty(x.shape, x)
+    if _meta_float(x) and x.dim() > 0:
+        out = _permuted(x.shape, [x], x.dtype)
+        if out is not None:
+            return out
     return torch.empty_like(x)
 
 
@@ -157,19 +177,35 @@ def module_result(m: nn.Module, x: Any) -> torch.Tensor | None:
     return None
 
 
-def _same_shape_result(args: tuple) -> torch.Tensor | None:
+def _broadcast(shapes: list) -> tuple | None:
+    """The broadcast of ``shapes``, or ``None`` where they do not broadcast."""
+    out: list[int] = []
+    for sizes in itertools.zip_longest(*(reversed(s) for s in shapes), fillvalue=1):
+        big = {n for n in sizes if n != 1}
+        if len(big) > 1:
+            return None
+        out.append(big.pop() if big else 1)
+    return tuple(reversed(out))
+
+
+def _binary_result(args: tuple) -> torch.Tensor | None:
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     if not tensors or not all(isinstance(a, torch.Tensor) or type(a) in _NUMBER for a in args):
         return None
     first = tensors[0]
-    if first.dim() == 0 or not all(_plain(t) and t.dtype == first.dtype and t.shape == first.shape for t in tensors):
+    if not all(_meta_float(t) and t.dim() > 0 and t.dtype == first.dtype for t in tensors):
         return None
-    return _empty(first.shape, first)
+    if all(_plain(t) and t.shape == first.shape for t in tensors):  # torch keeps them contiguous
+        return _empty(first.shape, first)
+    shape = _broadcast([t.shape for t in tensors])
+    if shape is None:
+        return None
+    return _permuted(shape, [t if t.shape == shape else t.expand(shape) for t in tensors], first.dtype)
 
 
 def function_result(target: Any, args: tuple, kwargs: dict) -> torch.Tensor | None:
     """What ``target(*args, **kwargs)`` returns, for ``add``/``mul`` (``operator``, ``torch``) of
-    floating-point tensors of one shape and dtype (and Python numbers); else ``None``.
+    floating-point tensors of one dtype that broadcast (and Python numbers); else ``None``.
 
     Example:
         >>> x = torch.empty(2, 3, device="meta")
@@ -178,7 +214,7 @@ def function_result(target: Any, args: tuple, kwargs: dict) -> torch.Tensor | No
     """
     if kwargs or len(args) != 2 or target not in _BINARY:
         return None
-    return _same_shape_result(args)
+    return _binary_result(args)
 
 
 def method_result(name: str, args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -186,4 +222,4 @@ def method_result(name: str, args: tuple, kwargs: dict) -> torch.Tensor | None:
     :func:`function_result`; else ``None``."""
     if kwargs or len(args) != 2 or name not in _BINARY_METHODS or not isinstance(args[0], torch.Tensor):
         return None
-    return _same_shape_result(args)
+    return _binary_result(args)

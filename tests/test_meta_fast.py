@@ -103,26 +103,36 @@ def test_module_result_leaves_what_it_cannot_vouch_for_to_torch():
     assert meta_fast.module_result(nn.AdaptiveAvgPool2d(1), _meta(1, 1, 3, 3)) is None  # contiguous and channels-last
 
 
+def _operand_pairs():
+    cl = _meta(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+    pairs = [(_meta(*s), _meta(*s)) for s in [(5,), (2, 3), (1, 4, 1, 1), (2, 3, 4, 5), (1, 2, 3, 1, 1)]]
+    pairs += [(_meta(2, 3, 4, 4), _meta(2, 3, 1, 1)), (_meta(1, 3, 1, 1), _meta(1, 3, 4, 4)),
+              (_meta(1, 6, 1, 1), _meta(1, 6, 1, 1)), (_meta(4, 1), _meta(3)), (_meta(5), _meta(2, 1, 5)),
+              (cl, _meta(2, 3, 1, 1)), (cl, cl), (cl, _meta(2, 3, 4, 5)), (_meta(2, 3).t(), _meta(3, 2)),
+              (_meta(1, 3, 1, 1).contiguous(memory_format=torch.channels_last), _meta(1, 3, 7, 7))]
+    return pairs
+
+
 @pytest.mark.parametrize("fn", [operator.add, operator.mul, torch.add, torch.mul])
-def test_function_result_equals_the_op_for_one_shape(fn):
-    for shape in [(5,), (2, 3), (1, 4, 1, 1), (2, 3, 4, 5), (1, 2, 3, 1, 1)]:
-        x, y = _meta(*shape), _meta(*shape)
-        for args in [(x, y), (x, 2.0), (3, y)]:
-            fast = meta_fast.function_result(fn, args, {})
-            if shape == (1, 4, 1, 1):  # contiguous and channels-last at once: torch chooses, not us
-                assert fast is None
-                continue
-            _same(fast, fn(*args))
+def test_function_result_equals_the_op_for_broadcasting_operands(fn):
+    for x, y in _operand_pairs():
+        for args in [(x, y), (y, x), (x, 2.0), (3, y)]:
+            _same(meta_fast.function_result(fn, args, {}), fn(*args))
 
 
-def test_binary_shortcuts_leave_broadcasting_and_mixed_dtypes_to_torch():
-    x, s = _meta(2, 3, 4, 4), _meta(2, 3, 1, 1)
-    assert meta_fast.function_result(operator.mul, (x, s), {}) is None
+def test_method_result_equals_the_tensor_method():
+    for x, y in _operand_pairs():
+        _same(meta_fast.method_result("mul", (x, y), {}), x.mul(y))
+
+
+def test_binary_shortcuts_leave_mixed_dtypes_and_other_ops_to_torch():
+    x = _meta(2, 3, 4, 4)
+    assert meta_fast.function_result(operator.mul, (x, _meta(2, 5, 1, 1)), {}) is None  # torch raises
     assert meta_fast.function_result(operator.add, (x, _meta(2, 3, 4, 4, dtype=torch.float16)), {}) is None
     assert meta_fast.function_result(torch.add, (x, x), {"alpha": 2}) is None
     assert meta_fast.function_result(operator.sub, (x, x), {}) is None
     assert meta_fast.function_result(operator.add, (x, True), {}) is None
-    assert meta_fast.method_result("add", (x, x), {}) is not None
+    assert meta_fast.function_result(operator.add, (x, _meta(())), {}) is None
     assert meta_fast.method_result("add_", (x, x), {}) is None
 
 
