@@ -279,26 +279,30 @@ class _MetaShapes(torch.fx.Interpreter):
     in Python and cost more than the rest of the shape propagation.
     """
 
-    def call_module(self, target: Any, args: tuple, kwargs: dict) -> Any:
-        if not kwargs and len(args) == 1:
-            m = self.fetch_attr(target)
-            if _like_input(m, target, args[0]):
+    def _shortcut(self, n: torch.fx.Node) -> Any:
+        """``n``'s value from :mod:`oba_fx.meta_fast` (or an eval-mode module that returns a tensor
+        like its input), without the interpreter's per-node bookkeeping; ``None`` when the op
+        has to run."""
+        if n.op == "call_module":
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            if kwargs or len(args) != 1:
+                return None
+            m = self.submodules.get(n.target) or self.fetch_attr(n.target)
+            if _like_input(m, n.target, args[0]):
                 return meta_fast.like(args[0])
-            out = meta_fast.module_result(m, args[0])
-            if out is not None:
-                return out
-        return super().call_module(target, args, kwargs)
-
-    def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
-        out = meta_fast.function_result(target, args, kwargs)
-        return super().call_function(target, args, kwargs) if out is None else out
-
-    def call_method(self, target: Any, args: tuple, kwargs: dict) -> Any:
-        out = meta_fast.method_result(target, args, kwargs)
-        return super().call_method(target, args, kwargs) if out is None else out
+            return meta_fast.module_result(m, args[0])
+        if n.op == "call_function":
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            return meta_fast.function_result(n.target, args, kwargs)
+        if n.op == "call_method":
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            return meta_fast.method_result(n.target, args, kwargs)
+        return None
 
     def run_node(self, n: torch.fx.Node) -> Any:
-        result = super().run_node(n)
+        result = self._shortcut(n)
+        if result is None:
+            result = super().run_node(n)
         if isinstance(result, torch.Tensor):
             n.meta["tensor_meta"] = meta_fast.tensor_metadata(result)
         else:
