@@ -14,6 +14,10 @@ import numpy as np
 def components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Label each of ``n`` elements with the smallest element id of its connected component.
 
+    When few elements have an edge, only those are worked on (renumbered in increasing order,
+    so that the smallest of them is still the smallest id); every other element is its own
+    component.
+
     Args:
         n: number of elements (ids ``0..n-1``).
         a, b: equal-length integer arrays; each pair ``(a[k], b[k])`` is an undirected edge.
@@ -26,6 +30,20 @@ def components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     b = np.asarray(b, dtype=np.int64)
     if a.size == 0:
         return labels
+    if 2 * a.size >= n:  # most elements have an edge
+        return _smallest_labels(n, a, b)
+    hit = np.zeros(n, dtype=bool)
+    hit[a] = True
+    hit[b] = True
+    touched = np.flatnonzero(hit)
+    local = np.cumsum(hit) - 1  # an element's rank among the touched ones
+    labels[touched] = touched[_smallest_labels(touched.size, local[a], local[b])]
+    return labels
+
+
+def _smallest_labels(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """:func:`components` of ``n`` elements, by hooking roots and pointer jumping."""
+    labels = np.arange(n, dtype=np.int64)
     while True:
         la, lb = labels[a], labels[b]
         if np.array_equal(la, lb):
