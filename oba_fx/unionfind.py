@@ -36,7 +36,8 @@ def components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     hit[a] = True
     hit[b] = True
     touched = np.flatnonzero(hit)
-    local = np.cumsum(hit) - 1  # an element's rank among the touched ones
+    local = np.empty(n, dtype=np.int64)
+    local[touched] = np.arange(touched.size, dtype=np.int64)  # a touched element's rank among them
     labels[touched] = touched[_smallest_labels(touched.size, local[a], local[b])]
     return labels
 
@@ -78,5 +79,7 @@ def compact_min(labels: np.ndarray) -> tuple[np.ndarray, int]:
         [0, 0, 1, 2, 2]
     """
     labels = np.asarray(labels, dtype=np.int64)
-    rank = np.cumsum(labels == np.arange(labels.size)) - 1  # a root's rank among the roots
-    return rank[labels], int(rank[-1]) + 1 if labels.size else 0
+    roots = np.flatnonzero(labels == np.arange(labels.size))
+    rank = np.empty(labels.size, dtype=np.int64)
+    rank[roots] = np.arange(roots.size, dtype=np.int64)  # a root's rank among the roots
+    return rank[labels], int(roots.size)
