@@ -215,13 +215,15 @@ def eval_mode(module: nn.Module):
     statistics nor draws dropout masks.
     """
     modes = [(m, m.training) for m in module.modules()]
-    module.eval()
+    if any(t or type(m).train is not nn.Module.train for m, t in modes):  # else eval() changes nothing
+        module.eval()
     try:
         with torch.no_grad():
             yield module
     finally:
         for m, t in modes:
-            m.training = t
+            if m.training != t:
+                m.training = t
 
 
 def root_cause(e: BaseException) -> BaseException:

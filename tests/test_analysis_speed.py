@@ -138,3 +138,30 @@ def test_share_weights_holds_the_models_tensors_and_leaves_the_model_alone():
     assert shared.get_submodule("conv") is not model.conv  # the modules are copies either way
     assert shared.meta[M.COUPLING].n_groups == copied.meta[M.COUPLING].n_groups
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+class CountsTrain(nn.Linear):
+    """A module with its own ``train()``: ``eval_mode`` must still call it."""
+
+    calls = 0
+
+    def train(self, mode: bool = True):
+        CountsTrain.calls += 1
+        return super().train(mode)
+
+
+def test_eval_mode_puts_every_module_in_eval_and_restores_each_mode():
+    m = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.Dropout(), nn.BatchNorm1d(2)))
+    m.eval()
+    m[1][1].train()
+    with eval_mode(m):
+        assert not any(x.training for x in m.modules())
+    assert [x.training for x in m.modules()] == [False, False, False, False, True]
+
+
+def test_eval_mode_calls_a_modules_own_train_even_when_all_are_in_eval():
+    m = nn.Sequential(CountsTrain(2, 2)).eval()
+    before = CountsTrain.calls
+    with eval_mode(m):
+        pass
+    assert CountsTrain.calls == before + 1
