@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 _CONVS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
@@ -140,7 +141,7 @@ def _conv_result(m: nn.Module, x: torch.Tensor, n: int) -> torch.Tensor | None:
 
 
 def _linear_result(m: nn.Linear, x: torch.Tensor) -> torch.Tensor | None:
-    if x.dim() not in (2, 3) or not _weights_ok(m, x) or m.weight.dim() != 2 or x.shape[-1] != m.weight.shape[1]:
+    if x.dim() < 1 or not _weights_ok(m, x) or m.weight.dim() != 2 or x.shape[-1] != m.weight.shape[1]:
         return None
     return _empty((*x.shape[:-1], m.weight.shape[0]), x)
 
@@ -162,7 +163,7 @@ def module_result(m: nn.Module, x: Any) -> torch.Tensor | None:
     contiguous tensor whose shape follows from a formula; else ``None``.
 
     Covers ``nn.Conv1d/2d/3d`` (numeric padding, zero padding mode, batched input of any layout),
-    ``nn.Linear`` (2-d or 3-d input of any layout) and ``nn.AdaptiveAvgPool1d/2d/3d`` (batched
+    ``nn.Linear`` (input of any layout) and ``nn.AdaptiveAvgPool1d/2d/3d`` (batched
     contiguous input).
     """
     kind = type(m)
@@ -203,15 +204,68 @@ def _binary_result(args: tuple) -> torch.Tensor | None:
     return _permuted(shape, [t if t.shape == shape else t.expand(shape) for t in tensors], first.dtype)
 
 
+def _bind(args: tuple, kwargs: dict, names: tuple, defaults: tuple) -> list | None:
+    """``args`` and ``kwargs`` as one positional list over ``names`` (the last ones defaulting to
+    ``defaults``); ``None`` for anything else (an unknown keyword such as ``out=``)."""
+    if len(args) > len(names) or any(k not in names[len(args):] for k in kwargs):
+        return None
+    rest = names[len(args):]
+    required = len(names) - len(defaults)
+    full = dict(zip(names[required:], defaults))
+    if any(n not in kwargs for n in rest[: max(0, required - len(args))]):
+        return None
+    return [*args, *(kwargs.get(n, full.get(n)) for n in rest)]
+
+
+def _cat_result(tensors: Any, dim: Any) -> torch.Tensor | None:
+    if not isinstance(tensors, (list, tuple)) or not tensors or type(dim) is not int:
+        return None
+    first = tensors[0]
+    if not all(_plain(t) and t.dtype == first.dtype and t.dim() == first.dim() and t.numel() for t in tensors):
+        return None
+    nd = first.dim()
+    if not -nd <= dim < nd:
+        return None
+    dim %= nd
+    if any(t.shape[:dim] != first.shape[:dim] or t.shape[dim + 1:] != first.shape[dim + 1:] for t in tensors):
+        return None
+    shape = list(first.shape)
+    shape[dim] = sum(t.shape[dim] for t in tensors)
+    return _empty(shape, first)
+
+
+def _layer_norm_result(x: Any, normalized_shape: Any, weight: Any, bias: Any, eps: Any) -> torch.Tensor | None:
+    if not _meta_float(x) or type(eps) not in _NUMBER or not isinstance(normalized_shape, (tuple, list)):
+        return None
+    shape = tuple(normalized_shape)
+    if not shape or not all(type(n) is int for n in shape) or len(shape) > x.dim() or \
+            tuple(x.shape[x.dim() - len(shape):]) != shape or 0 in x.shape:
+        return None
+    for t in (weight, bias):
+        if t is not None and not (_meta_float(t) and t.dtype == x.dtype and tuple(t.shape) == shape):
+            return None
+    if x.is_contiguous() and x.stride() != _contiguous_strides(x.shape):
+        return None  # contiguous with odd strides on size-1 dims: torch keeps them
+    out = _empty(x.shape, x)
+    return out if _plain(out) else None  # a shape also channels-last contiguous: torch chooses
+
+
 def function_result(target: Any, args: tuple, kwargs: dict) -> torch.Tensor | None:
     """What ``target(*args, **kwargs)`` returns, for ``add``/``mul`` (``operator``, ``torch``) of
-    floating-point tensors of one dtype that broadcast (and Python numbers); else ``None``.
+    floating-point tensors of one dtype that broadcast (and Python numbers), ``torch.cat`` of
+    contiguous tensors and ``F.layer_norm`` (whose results torch makes contiguous); else ``None``.
 
     Example:
         >>> x = torch.empty(2, 3, device="meta")
         >>> tuple(function_result(operator.add, (x, x), {}).shape)
         (2, 3)
     """
+    if target is torch.cat:
+        bound = _bind(args, kwargs, ("tensors", "dim"), (0,))
+        return None if bound is None else _cat_result(*bound)
+    if target is F.layer_norm:
+        bound = _bind(args, kwargs, ("input", "normalized_shape", "weight", "bias", "eps"), (None, None, 1e-5))
+        return None if bound is None else _layer_norm_result(*bound)
     if kwargs or len(args) != 2 or target not in _BINARY:
         return None
     return _binary_result(args)

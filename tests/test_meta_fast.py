@@ -6,6 +6,7 @@ import operator
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from oba_fx import meta_fast
@@ -59,6 +60,8 @@ _LAYERS = [
     (nn.Linear(5, 3), (4, 5)),
     (nn.Linear(5, 3, bias=False), (2, 7, 5)),
     (nn.Linear(5, 1), (1, 5)),
+    (nn.Linear(5, 3), (2, 3, 4, 5)),
+    (nn.Linear(5, 3), (5,)),
     (nn.AdaptiveAvgPool2d(1), (1, 8, 7, 7)),
     (nn.AdaptiveAvgPool2d((3, None)), (2, 4, 7, 5)),
     (nn.AdaptiveAvgPool2d(2), (1, 8, 1, 3)),
@@ -77,7 +80,7 @@ def test_module_result_equals_the_layer_on_meta(layer, shape):
     _same(fast, m(x))
 
 
-@pytest.mark.parametrize("layer,shape", _LAYERS[:10], ids=[f"{type(m).__name__}{s}" for m, s in _LAYERS[:10]])
+@pytest.mark.parametrize("layer,shape", _LAYERS[:12], ids=[f"{type(m).__name__}{s}" for m, s in _LAYERS[:12]])
 def test_conv_and_linear_results_equal_the_layer_on_any_input_layout(layer, shape):
     m = layer.to("meta").eval()
     x = _meta(*reversed(shape)).permute(*reversed(range(len(shape))))  # every stride reversed
@@ -147,3 +150,54 @@ def test_shortcuts_equal_the_ops_over_a_grid_of_convolutions():
             assert fast is None
             continue
         _same(fast, real)
+
+
+def _layouts(*shape):
+    """A contiguous tensor of ``shape``, one with every stride reversed, and a channels-last one."""
+    out = [_meta(*shape), _meta(*reversed(shape)).permute(*reversed(range(len(shape))))]
+    if len(shape) == 4:
+        out.append(_meta(*shape).contiguous(memory_format=torch.channels_last))
+    return out
+
+
+def test_cat_result_equals_torch_cat():
+    cases = [([_meta(1, 4, 5, 5), _meta(1, 3, 5, 5)], 1), ([_meta(2, 3), _meta(2, 5), _meta(2, 1)], -1),
+             ([_meta(3, 2, 2)], 0), ([_meta(1, 4, 1, 1), _meta(1, 3, 1, 1)], 1), ([_meta(2, 3, 4), _meta(5, 3, 4)], 0)]
+    for tensors, dim in cases:
+        fast = meta_fast.function_result(torch.cat, (tensors, dim), {})
+        if all(meta_fast._plain(t) for t in tensors):
+            _same(fast, torch.cat(tensors, dim))
+        else:
+            assert fast is None
+    for x in _layouts(1, 4, 5, 5)[1:]:  # not contiguous: torch lays the result out
+        assert meta_fast.function_result(torch.cat, ([x, x], 1), {}) is None
+    _same(meta_fast.function_result(torch.cat, (), {"tensors": [_meta(2, 3)] * 2, "dim": 1}),
+          torch.cat([_meta(2, 3)] * 2, dim=1))
+
+
+def test_cat_result_leaves_mismatches_and_out_to_torch():
+    a, b = _meta(1, 4, 5, 5), _meta(1, 3, 5, 6)
+    assert meta_fast.function_result(torch.cat, ([a, b], 1), {}) is None  # torch raises
+    assert meta_fast.function_result(torch.cat, ([a, a], 4), {}) is None
+    assert meta_fast.function_result(torch.cat, ([a, a.double()], 1), {}) is None
+    assert meta_fast.function_result(torch.cat, ([a, a],), {"out": a}) is None
+    assert meta_fast.function_result(torch.cat, ([a, _meta(0)], 1), {}) is None
+
+
+def test_layer_norm_result_equals_f_layer_norm_on_any_layout():
+    for x in _layouts(2, 3, 4, 5) + _layouts(2, 7, 5):
+        for args, kwargs in [((x, (5,)), {}), ((x, [5], _meta(5), _meta(5), 1e-6), {}),
+                             ((x, (5,)), {"weight": _meta(5), "eps": 1e-6})]:
+            _same(meta_fast.function_result(F.layer_norm, args, kwargs), F.layer_norm(*args, **kwargs))
+
+
+def test_layer_norm_result_leaves_ambiguous_layouts_to_torch():
+    for x in [_meta(1, 5, 1, 1).permute(0, 2, 3, 1), _meta(1, 1, 5, 5).transpose(2, 3), _meta(1, 1, 5, 5)]:
+        assert meta_fast.function_result(F.layer_norm, (x, (5,)), {}) is None
+
+
+def test_layer_norm_result_leaves_shape_mismatches_to_torch():
+    x = _meta(2, 3, 4, 5)
+    assert meta_fast.function_result(F.layer_norm, (x, (4,)), {}) is None
+    assert meta_fast.function_result(F.layer_norm, (x, (5,), _meta(4)), {}) is None
+    assert meta_fast.function_result(F.layer_norm, (x, (5,), _meta(5, dtype=torch.float64)), {}) is None
