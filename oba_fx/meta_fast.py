@@ -127,7 +127,8 @@ def _conv_result(m: nn.Module, x: torch.Tensor, n: int) -> torch.Tensor | None:
     if m.padding_mode != "zeros" or isinstance(m.padding, str) or x.dim() != n + 2 or not _weights_ok(m, x):
         return None
     w, g = m.weight, m.groups
-    if w.dim() != n + 2 or x.shape[1] != w.shape[1] * g or w.shape[0] % g or 0 in x.shape or 0 in w.shape:
+    if type(g) is not int or g < 1 or w.dim() != n + 2 or x.shape[1] != w.shape[1] * g or w.shape[0] % g \
+            or 0 in x.shape or 0 in w.shape:
         return None
     if not len(m.stride) == len(m.padding) == len(m.dilation) == n:
         return None
