@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import traceback
+from collections import OrderedDict
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -35,6 +36,29 @@ log = logging.getLogger(__name__)
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
 
+class _Scope(torch.fx.proxy.Scope):
+    """A tracer's current scope; ``copy.copy`` of it is a direct copy, not the generic
+    ``__reduce_ex__`` round trip (torch.fx copies the scope at every module call)."""
+
+    def __copy__(self) -> "_Scope":
+        return _Scope(self.module_path, self.module_type)
+
+
+class _ModuleStack(OrderedDict):
+    """A tracer's module stack; ``copy.copy`` of it is the plain ``OrderedDict`` that torch.fx
+    stores as every node's ``nn_module_stack``, made directly.
+
+    Example:
+        >>> stack = _ModuleStack(a=("a", int))
+        >>> c = copy.copy(stack)
+        >>> type(c).__name__, c == stack, c is stack
+        ('OrderedDict', True, False)
+    """
+
+    def __copy__(self) -> OrderedDict:
+        return OrderedDict(self)
+
+
 class LeafTracer(torch.fx.Tracer):
     """``torch.fx.Tracer`` whose leaves are torch.nn's own modules plus the user's choice.
 
@@ -44,6 +68,9 @@ class LeafTracer(torch.fx.Tracer):
 
     def __init__(self, leaf_modules: Iterable[type | str] = ()) -> None:
         super().__init__()
+        # torch.fx copies both with copy.copy at every module call / node; these copy directly
+        self.scope = _Scope("", None)
+        self.module_stack = _ModuleStack()
         leaves = tuple(leaf_modules)
         self.leaf_types = tuple(x for x in leaves if isinstance(x, type))
         self.leaf_names = {x for x in leaves if isinstance(x, str)}

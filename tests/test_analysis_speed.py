@@ -165,3 +165,29 @@ def test_eval_mode_calls_a_modules_own_train_even_when_all_are_in_eval():
     with eval_mode(m):
         pass
     assert CountsTrain.calls == before + 1
+
+
+class Nested(nn.Module):
+    """A module called twice, nested containers and a method call: scopes and module stacks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Sequential(nn.ReLU(), nn.Conv2d(4, 4, 1)))
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = self.block(x)
+        y = self.block[1](y).mean((2, 3))
+        return self.head(y)
+
+
+def test_leaf_tracer_records_the_scopes_and_module_stacks_of_torch_fx():
+    from oba_fx.tracing import LeafTracer
+
+    ours, theirs = LeafTracer(), torch.fx.Tracer()
+    g1, g2 = ours.trace(Nested()), theirs.trace(Nested())
+    assert str(g1) == str(g2)
+    assert [n.meta.get("nn_module_stack") for n in g1.nodes] == [n.meta.get("nn_module_stack") for n in g2.nodes]
+    assert all(type(n.meta["nn_module_stack"]) is type(m.meta["nn_module_stack"])
+               for n, m in zip(g1.nodes, g2.nodes) if "nn_module_stack" in m.meta)
+    assert ours.node_name_to_scope == theirs.node_name_to_scope and ours.scope.module_path == ""
