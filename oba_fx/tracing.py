@@ -121,7 +121,7 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[type | str] = (),
             shape-aware attempt (control flow on the data, naming the op).
     """
     check_model(model, "torch.fx tracing", finite=False)
-    shared = {id(t): t for t in [*model.parameters(), *model.buffers()]} if share_weights else {}
+    shared = _tensors_by_id(model) if share_weights else {}
     root = deepcopy_modules(model, dict(shared))
     if isinstance(root, torch.fx.GraphModule):
         gm = torch.fx.GraphModule(root, copy.deepcopy(root.graph))
@@ -151,6 +151,13 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[type | str] = (),
                 "model expects inputs of these shapes", type(model).__name__,
                 gm.meta[SPECIALISED]["input_shapes"], first.line or first.where)
     return gm
+
+
+def _tensors_by_id(model: nn.Module) -> dict[int, torch.Tensor]:
+    """Every parameter and buffer of ``model`` by ``id`` (those of ``model.parameters()`` and
+    ``model.buffers()``, in one walk over the modules)."""
+    return {id(t): t for m in model.modules() for table in (m._parameters, m._buffers)
+            for t in table.values() if t is not None}
 
 
 def _trace_with(tracer: torch.fx.Tracer, root: nn.Module, model: nn.Module, concrete_args: dict | None,
