@@ -116,11 +116,10 @@ def like(x: torch.Tensor) -> torch.Tensor:
 
 
 def _weights_ok(m: nn.Module, x: torch.Tensor) -> bool:
-    """The layer's weight (and bias) are ``meta`` tensors of ``x``'s dtype, the bias one per output."""
+    """The layer's weight (and bias) are tensors of ``x``'s dtype, the bias one per output."""
     w, b = m.weight, m.bias
-    return (isinstance(w, torch.Tensor) and w.device.type == "meta" and w.dtype == x.dtype
-            and (b is None or (isinstance(b, torch.Tensor) and b.device.type == "meta" and b.dtype == x.dtype
-                               and b.shape == (w.shape[0],))))
+    return (isinstance(w, torch.Tensor) and w.layout is torch.strided and w.dtype == x.dtype
+            and (b is None or (isinstance(b, torch.Tensor) and b.dtype == x.dtype and b.shape == (w.shape[0],))))
 
 
 def _conv_result(m: nn.Module, x: torch.Tensor, n: int) -> torch.Tensor | None:
@@ -160,8 +159,9 @@ def _adaptive_avg_result(m: nn.Module, x: torch.Tensor, n: int) -> torch.Tensor 
 
 
 def module_result(m: nn.Module, x: Any) -> torch.Tensor | None:
-    """What the eval-mode module ``m`` returns for the single input ``x``, when it is an empty
-    contiguous tensor whose shape follows from a formula; else ``None``.
+    """What the eval-mode module ``m``, with its parameters and buffers on the ``meta`` device
+    (wherever they are now), returns for the ``meta`` input ``x``, when it is an empty contiguous
+    tensor whose shape follows from a formula; else ``None``.
 
     Covers ``nn.Conv1d/2d/3d`` (numeric padding, zero padding mode, batched input of any layout),
     ``nn.Linear`` (input of any layout) and ``nn.AdaptiveAvgPool1d/2d/3d`` (batched

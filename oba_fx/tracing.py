@@ -23,12 +23,12 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.fx
 import torch.nn as nn
-from torch.fx.node import map_aggregate
 
-from . import attention, meta_fast
+from . import attention
 from .checks import check_model
 from .errors import BadInputError, TraceError
 from .meta import SPECIALISED
+from .meta_shapes import meta_shapes as _meta_shapes
 from .module_copy import deepcopy_modules
 
 log = logging.getLogger(__name__)
@@ -281,114 +281,6 @@ def held_stderr():
     with contextlib.redirect_stderr(held):
         yield
     sys.stderr.write(held.getvalue())
-_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-#: torch.nn modules whose eval-mode output on a floating-point tensor is a tensor like it
-_ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
-                nn.Dropout, nn.Identity)
-
-
-def _like_input(m: nn.Module, target: str, x: Any) -> bool:
-    """Whether the module ``m`` called on ``x`` alone returns a tensor like ``x``, after the
-    checks torch itself makes on the input (raised here as torch raises them)."""
-    kind = type(m)  # the classes themselves: a subclass may override forward
-    if m.training or not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        return False
-    if kind in _BATCH_NORMS:
-        m._check_input_dim(x)
-        if x.shape[1] != m.num_features:
-            raise ValueError(f"{target}: expected {m.num_features} channels, got shape {tuple(x.shape)}")
-        return True
-    if kind is nn.LayerNorm:
-        k = len(m.normalized_shape)
-        if tuple(x.shape[x.dim() - k:]) != tuple(m.normalized_shape) or x.dim() < k:
-            raise ValueError(f"{target}: normalized_shape {tuple(m.normalized_shape)} does not end shape "
-                             f"{tuple(x.shape)}")
-        return True
-    return kind in _ELEMENTWISE
-
-
-class _MetaShapes(torch.fx.Interpreter):
-    """Runs a graph on ``meta`` tensors and writes ``tensor_meta`` (as ``ShapeProp``) and ``type``.
-
-    Eval-mode BatchNorm, LayerNorm and activation modules (the torch.nn classes themselves) return
-    a tensor like their input after torch's own input checks: on ``meta`` their decompositions run
-    in Python and cost more than the rest of the shape propagation.
-    """
-
-    def _shortcut(self, n: torch.fx.Node) -> Any:
-        """``n``'s value from :mod:`oba_fx.meta_fast` (or an eval-mode module that returns a tensor
-        like its input), without the interpreter's per-node bookkeeping; ``None`` when the op
-        has to run."""
-        if n.op == "call_module":
-            args, kwargs = self.fetch_args_kwargs_from_env(n)
-            if kwargs or len(args) != 1:
-                return None
-            m = self.submodules.get(n.target) or self.fetch_attr(n.target)
-            if _like_input(m, n.target, args[0]):
-                return meta_fast.like(args[0])
-            return meta_fast.module_result(m, args[0])
-        if n.op == "call_function":
-            args, kwargs = self.fetch_args_kwargs_from_env(n)
-            return meta_fast.function_result(n.target, args, kwargs)
-        if n.op == "call_method":
-            args, kwargs = self.fetch_args_kwargs_from_env(n)
-            return meta_fast.method_result(n.target, args, kwargs)
-        return None
-
-    def run_node(self, n: torch.fx.Node) -> Any:
-        result = self._shortcut(n)
-        if result is None:
-            result = super().run_node(n)
-        if isinstance(result, torch.Tensor):
-            n.meta["tensor_meta"] = meta_fast.tensor_metadata(result)
-        else:
-            found = False
-
-            def record(obj: Any) -> Any:
-                nonlocal found
-                if isinstance(obj, torch.Tensor):
-                    found = True
-                    return meta_fast.tensor_metadata(obj)
-                return obj
-
-            meta = map_aggregate(result, record)
-            if found:
-                n.meta["tensor_meta"] = meta
-        n.meta["type"] = type(result)
-        return result
-
-
-def _on_meta(t: torch.Tensor) -> torch.Tensor:
-    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
-
-
-@contextlib.contextmanager
-def _meta_state(gm: torch.fx.GraphModule):
-    """Every parameter and buffer of ``gm`` swapped for an empty ``meta`` tensor of the same
-    shape, dtype and ``requires_grad``, and put back afterwards."""
-    saved = []
-    try:
-        for mod in gm.modules():
-            for table in (mod._parameters, mod._buffers):
-                for k, t in list(table.items()):
-                    if t is not None:
-                        saved.append((table, k, t))
-                        m = _on_meta(t)
-                        table[k] = nn.Parameter(m, t.requires_grad) if isinstance(t, nn.Parameter) else m
-        yield gm
-    finally:
-        for table, k, t in reversed(saved):
-            table[k] = t
-
-
-def _meta_shapes(gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> None:
-    """Shapes from the ``meta`` device (shape functions only, no Python dispatch: several times
-    faster than fake tensors). Raises where an op has no meta kernel, reads values or mixes in a
-    tensor the swap did not reach (a plain tensor attribute, a tensor built on the CPU)."""
-    args = [_on_meta(x).requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor) and x.is_floating_point()
-            else _on_meta(x) if isinstance(x, torch.Tensor) else x for x in inputs]
-    with _meta_state(gm):
-        _MetaShapes(gm).run(*args)
 
 
 def _clear_shapes(gm: torch.fx.GraphModule) -> None:

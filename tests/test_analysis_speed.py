@@ -191,3 +191,31 @@ def test_leaf_tracer_records_the_scopes_and_module_stacks_of_torch_fx():
     assert all(type(n.meta["nn_module_stack"]) is type(m.meta["nn_module_stack"])
                for n, m in zip(g1.nodes, g2.nodes) if "nn_module_stack" in m.meta)
     assert ours.node_name_to_scope == theirs.node_name_to_scope and ours.scope.module_path == ""
+
+
+class MyConv(nn.Conv2d):
+    """A subclass: no shortcut, it runs on meta with its weights swapped in."""
+
+
+class Functional(nn.Module):
+    """Weights read by ``get_attr`` (a functional conv) and a layer that has to run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = MyConv(3, 4, 3, padding=1)
+        self.w = nn.Parameter(torch.randn(5, 4, 1, 1))
+        self.register_buffer("scale", torch.ones(1, 5, 1, 1))
+
+    def forward(self, x):
+        return F.conv2d(self.conv(x), self.w) * self.scale
+
+
+def test_meta_shapes_swap_in_what_runs_and_put_everything_back():
+    model, x = Functional().eval(), torch.randn(2, 3, 6, 6)
+    gm = trace(model)
+    before = dict(itertools.chain(gm.named_parameters(), gm.named_buffers()))
+    with eval_mode(gm):
+        _meta_shapes(gm, (x,))  # raises if a tensor the graph reads was left on the CPU
+    after = dict(itertools.chain(gm.named_parameters(), gm.named_buffers()))
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+    assert _shapes(gm) == _fake_shapes(model, x)

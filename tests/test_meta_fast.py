@@ -90,6 +90,12 @@ def test_conv_and_linear_results_equal_the_layer_on_any_input_layout(layer, shap
         _same(meta_fast.module_result(m, x), m(x))
 
 
+def test_module_result_is_the_result_once_the_weights_are_on_meta():
+    x = _meta(1, 4, 8, 8)
+    conv = nn.Conv2d(4, 6, 3, stride=2)
+    _same(meta_fast.module_result(conv, x), conv.to("meta")(x))
+
+
 def test_module_result_leaves_what_it_cannot_vouch_for_to_torch():
     x = _meta(1, 4, 8, 8)
     assert meta_fast.module_result(nn.Conv2d(3, 6, 3).to("meta"), x) is None  # channel mismatch: torch raises
@@ -99,7 +105,6 @@ def test_module_result_leaves_what_it_cannot_vouch_for_to_torch():
     assert meta_fast.module_result(nn.Conv2d(4, 6, 3).to("meta"), _meta(4, 8, 8)) is None  # unbatched
     assert meta_fast.module_result(nn.AdaptiveAvgPool2d(1), x.contiguous(memory_format=torch.channels_last)) is None
     assert meta_fast.module_result(nn.Conv2d(4, 6, 3).to("meta"), _meta(1, 4, 8, 8, dtype=torch.float64)) is None
-    assert meta_fast.module_result(nn.Conv2d(4, 6, 3), x) is None  # weights not on meta
     assert meta_fast.module_result(type("MyConv", (nn.Conv2d,), {})(4, 6, 3).to("meta"), x) is None
     assert meta_fast.module_result(nn.Linear(3, 2).to("meta"), _meta(2, 4)) is None
     assert meta_fast.module_result(nn.AdaptiveAvgPool2d(1), _meta(8, 7, 7)) is None
