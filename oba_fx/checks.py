@@ -65,14 +65,26 @@ itself (an nn.Module instance, e.g. torchvision.models.resnet18())
     if not isinstance(model, nn.Module):
         raise BadTypeError(f"{who} expects a torch.nn.Module, got {type(model).__name__}; pass the network itself "
                            "(an nn.Module instance, e.g. torchvision.models.resnet18())")
-    for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
-        for name, t in items:
+    modules = list(model.named_modules())  # one walk for both loops
+    for kind, attr in (("parameter", "_parameters"), ("buffer", "_buffers")):
+        for name, t in _named(modules, attr):
             if t.device.type == "meta":
                 raise BadInputError(f"{who}: {kind} {name!r} is on the meta device (a shape without values); "
                                     "materialise the model first, e.g. model.to_empty(device='cpu') then "
                                     "model.load_state_dict(...)")
     if finite:
         check_finite_model(model)
+
+
+def _named(modules: list[tuple[str, nn.Module]], attr: str):
+    """``(qualified name, tensor)`` of each module's ``_parameters`` or ``_buffers``, each tensor
+    once, in the order of ``named_parameters()`` / ``named_buffers()``."""
+    seen = set()
+    for prefix, m in modules:
+        for k, t in getattr(m, attr).items():
+            if t is not None and id(t) not in seen:
+                seen.add(id(t))
+                yield (f"{prefix}.{k}" if prefix else k), t
 
 
 def check_data(data: Any, who: str, *, reads: int = 1) -> None:

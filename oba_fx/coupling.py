@@ -47,8 +47,9 @@ def analyze(gm: torch.fx.GraphModule, *, frozen_modules: Iterable[str] = (), nor
             them (``embed_width=`` of :func:`oba_fx.prune_graph`: a transformer's residual width).
     """
     choice: dict[tuple[str, int], int] = {}
+    modules = dict(gm.named_modules())
     for _ in range(8):  # each round moves some splits one dim inwards; a few rounds at most
-        c, splits = _analyze_once(gm, frozen_modules, choice, norm_width)
+        c, splits = _analyze_once(gm, frozen_modules, choice, norm_width, modules)
         moved = False
         for key, n_vary, space in splits:
             if choice.get(key, 0) + 1 < n_vary and c.pinned[c.units_of(space)].all():
@@ -60,9 +61,10 @@ def analyze(gm: torch.fx.GraphModule, *, frozen_modules: Iterable[str] = (), nor
 
 
 def _analyze_once(gm: torch.fx.GraphModule, frozen_modules: Iterable[str],
-                  choice: dict[tuple[str, int], int], norm_width: bool) -> tuple[Coupling, list]:
+                  choice: dict[tuple[str, int], int], norm_width: bool,
+                  modules: dict[str, torch.nn.Module]) -> tuple[Coupling, list]:
     b = Builder()
-    state = AnalysisState(split_choice=dict(choice), norm_width=norm_width, modules=dict(gm.named_modules()))
+    state = AnalysisState(split_choice=dict(choice), norm_width=norm_width, modules=modules)
     for node in gm.graph.nodes:
         apply_rule(gm, node, b, state)
     frozen = tuple(frozen_modules)

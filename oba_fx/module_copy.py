@@ -31,6 +31,8 @@ import torch.nn as nn
 _ATOMIC = (type(None), int, float, bool, complex, str, bytes, type, range, types.FunctionType,
            types.BuiltinFunctionType)
 
+_ATOMIC_TYPES = frozenset(_ATOMIC)
+
 _plain: dict[type, bool] = {}
 
 
@@ -59,13 +61,13 @@ def deepcopy_modules(obj: Any, memo: dict[int, Any]) -> Any:
     if hit is not memo:
         return hit
     cls = type(obj)
-    if cls in _ATOMIC:
+    if cls in _ATOMIC_TYPES:
         return obj
     if cls is dict or cls is OrderedDict:
         return _copy_dict(obj, memo)
-    if cls is tuple and all(type(a) in _ATOMIC for a in obj):
+    if cls is tuple and all(type(a) in _ATOMIC_TYPES for a in obj):
         return obj  # as copy.deepcopy: an immutable tuple of immutable values is itself
-    if cls is set and all(type(a) in _ATOMIC for a in obj):
+    if cls is set and all(type(a) in _ATOMIC_TYPES for a in obj):
         new_set = memo[id(obj)] = set(obj)
         return new_set
     if not _plain_module_class(cls):
@@ -77,12 +79,22 @@ def deepcopy_modules(obj: Any, memo: dict[int, Any]) -> Any:
 
 
 def _copy_dict(d: dict, memo: dict[int, Any]) -> dict:
-    """A deep copy of a ``dict`` or ``OrderedDict`` (one without attributes of its own)."""
+    """A deep copy of a ``dict`` or ``OrderedDict`` (one without attributes of its own). Plain
+    values and empty dictionaries (a module's hook tables) are handled in line: most of a
+    module's ``__dict__``."""
     if type(d) is OrderedDict and d.__dict__:  # attributes of its own: the generic way
         return copy.deepcopy(d, memo)
     new = type(d)()
     memo[id(d)] = new
     for k, v in d.items():
-        new[k if type(k) in _ATOMIC else copy.deepcopy(k, memo)] = deepcopy_modules(v, memo)
+        if type(k) not in _ATOMIC_TYPES:
+            k = copy.deepcopy(k, memo)
+        kind = type(v)
+        if kind in _ATOMIC_TYPES:
+            new[k] = v
+        elif (kind is OrderedDict or kind is dict) and not v and id(v) not in memo and not (
+                kind is OrderedDict and v.__dict__):
+            new[k] = memo[id(v)] = kind()
+        else:
+            new[k] = deepcopy_modules(v, memo)
     return new
-

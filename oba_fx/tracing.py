@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import traceback
+from collections import OrderedDict
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -27,11 +28,35 @@ from . import attention
 from .checks import check_model
 from .errors import BadInputError, TraceError
 from .meta import SPECIALISED
+from .meta_shapes import meta_shapes as _meta_shapes
 from .module_copy import deepcopy_modules
 
 log = logging.getLogger(__name__)
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+class _Scope(torch.fx.proxy.Scope):
+    """A tracer's current scope; ``copy.copy`` of it is a direct copy, not the generic
+    ``__reduce_ex__`` round trip (torch.fx copies the scope at every module call)."""
+
+    def __copy__(self) -> "_Scope":
+        return _Scope(self.module_path, self.module_type)
+
+
+class _ModuleStack(OrderedDict):
+    """A tracer's module stack; ``copy.copy`` of it is the plain ``OrderedDict`` that torch.fx
+    stores as every node's ``nn_module_stack``, made directly.
+
+    Example:
+        >>> stack = _ModuleStack(a=("a", int))
+        >>> c = copy.copy(stack)
+        >>> type(c).__name__, c == stack, c is stack
+        ('OrderedDict', True, False)
+    """
+
+    def __copy__(self) -> OrderedDict:
+        return OrderedDict(self)
 
 
 class LeafTracer(torch.fx.Tracer):
@@ -43,6 +68,9 @@ class LeafTracer(torch.fx.Tracer):
 
     def __init__(self, leaf_modules: Iterable[type | str] = ()) -> None:
         super().__init__()
+        # torch.fx copies both with copy.copy at every module call / node; these copy directly
+        self.scope = _Scope("", None)
+        self.module_stack = _ModuleStack()
         leaves = tuple(leaf_modules)
         self.leaf_types = tuple(x for x in leaves if isinstance(x, type))
         self.leaf_names = {x for x in leaves if isinstance(x, str)}
@@ -78,7 +106,8 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[type | str] = (),
 
     With ``share_weights`` the copy's modules are new but its parameters and buffers are the
     model's own tensors (no copy of the weights): only for an analysis that reads the graph and
-    never writes a weight (``oba_fx.explain``, ``oba_fx.hessian_structure``).
+    never writes a weight (``oba_fx.explain``, ``oba_fx.hessian_structure``); the GraphModule then
+    writes its ``forward`` code on first use (:func:`graph_module`).
 
     With ``lower_attention`` every ``nn.MultiheadAttention`` of the copy (unless listed in
     ``leaf_modules``) is traced as :class:`oba_fx.attention.MultiheadAttention` (same parameters,
@@ -92,7 +121,7 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[type | str] = (),
             shape-aware attempt (control flow on the data, naming the op).
     """
     check_model(model, "torch.fx tracing", finite=False)
-    shared = {id(t): t for t in [*model.parameters(), *model.buffers()]} if share_weights else {}
+    shared = _tensors_by_id(model) if share_weights else {}
     root = deepcopy_modules(model, dict(shared))
     if isinstance(root, torch.fx.GraphModule):
         gm = torch.fx.GraphModule(root, copy.deepcopy(root.graph))
@@ -102,7 +131,7 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[type | str] = (),
             gm.meta[SPECIALISED] = specialised
         return gm
     try:
-        return _trace_with(LeafTracer(leaf_modules), root, model, concrete_args, lower_attention)
+        return _trace_with(LeafTracer(leaf_modules), root, model, concrete_args, lower_attention, share_weights)
     except TraceError as e:
         if example_inputs is None:
             raise
@@ -112,7 +141,8 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[type | str] = (),
 
     shape_tracer = ShapeTracer(as_tuple(example_inputs), leaf_modules)
     try:
-        gm = _trace_with(shape_tracer, deepcopy_modules(model, dict(shared)), model, concrete_args, lower_attention)
+        gm = _trace_with(shape_tracer, deepcopy_modules(model, dict(shared)), model, concrete_args, lower_attention,
+                         share_weights)
     except TraceError as e:
         raise TraceError(e.where, f"{e.why} (tracing again with the example input shapes did not help; "
                          f"plain symbolic tracing said: {first.why})", e.line) from e
@@ -123,9 +153,17 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[type | str] = (),
     return gm
 
 
+def _tensors_by_id(model: nn.Module) -> dict[int, torch.Tensor]:
+    """Every parameter and buffer of ``model`` by ``id`` (those of ``model.parameters()`` and
+    ``model.buffers()``, in one walk over the modules)."""
+    return {id(t): t for m in model.modules() for table in (m._parameters, m._buffers)
+            for t in table.values() if t is not None}
+
+
 def _trace_with(tracer: torch.fx.Tracer, root: nn.Module, model: nn.Module, concrete_args: dict | None,
-                lower_attention: bool) -> torch.fx.GraphModule:
-    """``tracer`` on ``root`` (a copy of ``model``); failures as :class:`TraceError`."""
+                lower_attention: bool, lazy: bool = False) -> torch.fx.GraphModule:
+    """``tracer`` on ``root`` (a copy of ``model``); failures as :class:`TraceError`. With ``lazy``
+    the GraphModule generates its Python code on first use (:func:`graph_module`)."""
     lowered = attention.lower_attention(root, tracer.leaf_names, tracer.leaf_types) if lower_attention else []
     try:
         graph = tracer.trace(root, concrete_args=concrete_args)
@@ -133,9 +171,31 @@ def _trace_with(tracer: torch.fx.Tracer, root: nn.Module, model: nn.Module, conc
         stack = list(getattr(tracer, "module_stack", {}) or {})
         where = f"module {stack[-1]!r}" if stack and stack[-1] else f"model {type(model).__name__}"
         raise TraceError(where, f"{type(e).__name__}: {e}", _user_frame(e.__traceback__)) from e
-    gm = torch.fx.GraphModule(tracer.root, graph, type(root).__name__)
+    gm = graph_module(tracer.root, graph, type(root).__name__, lazy)
     attention.drop_dead_code(gm, lowered)
     return gm
+
+
+def graph_module(root: nn.Module, graph: torch.fx.Graph, name: str, lazy: bool) -> torch.fx.GraphModule:
+    """``torch.fx.GraphModule(root, graph, name)``; with ``lazy`` one that writes and compiles its
+    ``forward`` code only when it is first called or its ``code`` read (torch's
+    ``_LazyGraphModule``, where this torch has it), which is most of building a GraphModule and
+    what an analysis that only reads the graph never needs.
+
+    Example:
+        >>> g = torch.fx.symbolic_trace(torch.nn.ReLU()).graph
+        >>> gm = graph_module(torch.nn.Module(), g, "M", lazy=True)
+        >>> isinstance(gm, torch.fx.GraphModule), gm(torch.tensor([-1.0, 2.0])).tolist()
+        (True, [0.0, 2.0])
+    """
+    if lazy:
+        try:
+            from torch.fx._lazy_graph_module import _LazyGraphModule
+        except ImportError:  # an older torch: built eagerly
+            pass
+        else:
+            return _LazyGraphModule(root, graph, name)
+    return torch.fx.GraphModule(root, graph, name)
 
 
 def specialisation(example_inputs: Any, error: TraceError) -> dict:
@@ -189,13 +249,15 @@ def eval_mode(module: nn.Module):
     statistics nor draws dropout masks.
     """
     modes = [(m, m.training) for m in module.modules()]
-    module.eval()
+    if any(t or type(m).train is not nn.Module.train for m, t in modes):  # else eval() changes nothing
+        module.eval()
     try:
         with torch.no_grad():
             yield module
     finally:
         for m, t in modes:
-            m.training = t
+            if m.training != t:
+                m.training = t
 
 
 def root_cause(e: BaseException) -> BaseException:
@@ -219,97 +281,6 @@ def held_stderr():
     with contextlib.redirect_stderr(held):
         yield
     sys.stderr.write(held.getvalue())
-_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-#: torch.nn modules whose eval-mode output on a floating-point tensor is a tensor like it
-_ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
-                nn.Dropout, nn.Identity)
-
-
-def _like_input(m: nn.Module, target: str, x: Any) -> bool:
-    """Whether the module ``m`` called on ``x`` alone returns a tensor like ``x``, after the
-    checks torch itself makes on the input (raised here as torch raises them)."""
-    kind = type(m)  # the classes themselves: a subclass may override forward
-    if m.training or not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        return False
-    if kind in _BATCH_NORMS:
-        m._check_input_dim(x)
-        if x.shape[1] != m.num_features:
-            raise ValueError(f"{target}: expected {m.num_features} channels, got shape {tuple(x.shape)}")
-        return True
-    if kind is nn.LayerNorm:
-        k = len(m.normalized_shape)
-        if tuple(x.shape[x.dim() - k:]) != tuple(m.normalized_shape) or x.dim() < k:
-            raise ValueError(f"{target}: normalized_shape {tuple(m.normalized_shape)} does not end shape "
-                             f"{tuple(x.shape)}")
-        return True
-    return kind in _ELEMENTWISE
-
-
-class _MetaShapes(torch.fx.Interpreter):
-    """Runs a graph on ``meta`` tensors and writes ``tensor_meta`` (as ``ShapeProp``) and ``type``.
-
-    Eval-mode BatchNorm, LayerNorm and activation modules (the torch.nn classes themselves) return
-    a tensor like their input after torch's own input checks: on ``meta`` their decompositions run
-    in Python and cost more than the rest of the shape propagation.
-    """
-
-    def call_module(self, target: Any, args: tuple, kwargs: dict) -> Any:
-        if not kwargs and len(args) == 1 and _like_input(self.fetch_attr(target), target, args[0]):
-            return torch.empty_like(args[0])
-        return super().call_module(target, args, kwargs)
-
-    def run_node(self, n: torch.fx.Node) -> Any:
-        from torch.fx.node import map_aggregate
-        from torch.fx.passes.shape_prop import _extract_tensor_metadata
-
-        result = super().run_node(n)
-        found = False
-
-        def record(obj: Any) -> Any:
-            nonlocal found
-            if isinstance(obj, torch.Tensor):
-                found = True
-                return _extract_tensor_metadata(obj)
-            return obj
-
-        meta = map_aggregate(result, record)
-        if found:
-            n.meta["tensor_meta"] = meta
-        n.meta["type"] = type(result)
-        return result
-
-
-def _on_meta(t: torch.Tensor) -> torch.Tensor:
-    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
-
-
-@contextlib.contextmanager
-def _meta_state(gm: torch.fx.GraphModule):
-    """Every parameter and buffer of ``gm`` swapped for an empty ``meta`` tensor of the same
-    shape, dtype and ``requires_grad``, and put back afterwards."""
-    saved = []
-    try:
-        for mod in gm.modules():
-            for table in (mod._parameters, mod._buffers):
-                for k, t in list(table.items()):
-                    if t is not None:
-                        saved.append((table, k, t))
-                        m = _on_meta(t)
-                        table[k] = nn.Parameter(m, t.requires_grad) if isinstance(t, nn.Parameter) else m
-        yield gm
-    finally:
-        for table, k, t in reversed(saved):
-            table[k] = t
-
-
-def _meta_shapes(gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> None:
-    """Shapes from the ``meta`` device (shape functions only, no Python dispatch: several times
-    faster than fake tensors). Raises where an op has no meta kernel, reads values or mixes in a
-    tensor the swap did not reach (a plain tensor attribute, a tensor built on the CPU)."""
-    args = [_on_meta(x).requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor) and x.is_floating_point()
-            else _on_meta(x) if isinstance(x, torch.Tensor) else x for x in inputs]
-    with _meta_state(gm):
-        _MetaShapes(gm).run(*args)
 
 
 def _clear_shapes(gm: torch.fx.GraphModule) -> None:

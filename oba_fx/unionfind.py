@@ -14,6 +14,10 @@ import numpy as np
 def components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Label each of ``n`` elements with the smallest element id of its connected component.
 
+    When few elements have an edge, only those are worked on (renumbered in increasing order,
+    so that the smallest of them is still the smallest id); every other element is its own
+    component.
+
     Args:
         n: number of elements (ids ``0..n-1``).
         a, b: equal-length integer arrays; each pair ``(a[k], b[k])`` is an undirected edge.
@@ -26,6 +30,21 @@ def components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     b = np.asarray(b, dtype=np.int64)
     if a.size == 0:
         return labels
+    if 2 * a.size >= n:  # most elements have an edge
+        return _smallest_labels(n, a, b)
+    hit = np.zeros(n, dtype=bool)
+    hit[a] = True
+    hit[b] = True
+    touched = np.flatnonzero(hit)
+    local = np.empty(n, dtype=np.int64)
+    local[touched] = np.arange(touched.size, dtype=np.int64)  # a touched element's rank among them
+    labels[touched] = touched[_smallest_labels(touched.size, local[a], local[b])]
+    return labels
+
+
+def _smallest_labels(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """:func:`components` of ``n`` elements, by hooking roots and pointer jumping."""
+    labels = np.arange(n, dtype=np.int64)
     while True:
         la, lb = labels[a], labels[b]
         if np.array_equal(la, lb):
@@ -60,5 +79,7 @@ def compact_min(labels: np.ndarray) -> tuple[np.ndarray, int]:
         [0, 0, 1, 2, 2]
     """
     labels = np.asarray(labels, dtype=np.int64)
-    rank = np.cumsum(labels == np.arange(labels.size)) - 1  # a root's rank among the roots
-    return rank[labels], int(rank[-1]) + 1 if labels.size else 0
+    roots = np.flatnonzero(labels == np.arange(labels.size))
+    rank = np.empty(labels.size, dtype=np.int64)
+    rank[roots] = np.arange(roots.size, dtype=np.int64)  # a root's rank among the roots
+    return rank[labels], int(roots.size)

@@ -138,3 +138,84 @@ def test_share_weights_holds_the_models_tensors_and_leaves_the_model_alone():
     assert shared.get_submodule("conv") is not model.conv  # the modules are copies either way
     assert shared.meta[M.COUPLING].n_groups == copied.meta[M.COUPLING].n_groups
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+class CountsTrain(nn.Linear):
+    """A module with its own ``train()``: ``eval_mode`` must still call it."""
+
+    calls = 0
+
+    def train(self, mode: bool = True):
+        CountsTrain.calls += 1
+        return super().train(mode)
+
+
+def test_eval_mode_puts_every_module_in_eval_and_restores_each_mode():
+    m = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.Dropout(), nn.BatchNorm1d(2)))
+    m.eval()
+    m[1][1].train()
+    with eval_mode(m):
+        assert not any(x.training for x in m.modules())
+    assert [x.training for x in m.modules()] == [False, False, False, False, True]
+
+
+def test_eval_mode_calls_a_modules_own_train_even_when_all_are_in_eval():
+    m = nn.Sequential(CountsTrain(2, 2)).eval()
+    before = CountsTrain.calls
+    with eval_mode(m):
+        pass
+    assert CountsTrain.calls == before + 1
+
+
+class Nested(nn.Module):
+    """A module called twice, nested containers and a method call: scopes and module stacks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Sequential(nn.ReLU(), nn.Conv2d(4, 4, 1)))
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = self.block(x)
+        y = self.block[1](y).mean((2, 3))
+        return self.head(y)
+
+
+def test_leaf_tracer_records_the_scopes_and_module_stacks_of_torch_fx():
+    from oba_fx.tracing import LeafTracer
+
+    ours, theirs = LeafTracer(), torch.fx.Tracer()
+    g1, g2 = ours.trace(Nested()), theirs.trace(Nested())
+    assert str(g1) == str(g2)
+    assert [n.meta.get("nn_module_stack") for n in g1.nodes] == [n.meta.get("nn_module_stack") for n in g2.nodes]
+    assert all(type(n.meta["nn_module_stack"]) is type(m.meta["nn_module_stack"])
+               for n, m in zip(g1.nodes, g2.nodes) if "nn_module_stack" in m.meta)
+    assert ours.node_name_to_scope == theirs.node_name_to_scope and ours.scope.module_path == ""
+
+
+class MyConv(nn.Conv2d):
+    """A subclass: no shortcut, it runs on meta with its weights swapped in."""
+
+
+class Functional(nn.Module):
+    """Weights read by ``get_attr`` (a functional conv) and a layer that has to run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = MyConv(3, 4, 3, padding=1)
+        self.w = nn.Parameter(torch.randn(5, 4, 1, 1))
+        self.register_buffer("scale", torch.ones(1, 5, 1, 1))
+
+    def forward(self, x):
+        return F.conv2d(self.conv(x), self.w) * self.scale
+
+
+def test_meta_shapes_swap_in_what_runs_and_put_everything_back():
+    model, x = Functional().eval(), torch.randn(2, 3, 6, 6)
+    gm = trace(model)
+    before = dict(itertools.chain(gm.named_parameters(), gm.named_buffers()))
+    with eval_mode(gm):
+        _meta_shapes(gm, (x,))  # raises if a tensor the graph reads was left on the CPU
+    after = dict(itertools.chain(gm.named_parameters(), gm.named_buffers()))
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+    assert _shapes(gm) == _fake_shapes(model, x)

@@ -286,3 +286,13 @@ def test_cli_flags_are_checked_before_torch_is_imported():
             "print(rc, 'torch' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert r.stdout.split() == ["2", "False"] and "--calib-batches" in r.stderr
+
+
+def test_a_meta_buffer_is_named_after_every_parameter_is_checked():
+    from oba_fx.checks import check_model
+
+    model = torch.nn.Sequential(torch.nn.BatchNorm1d(2), torch.nn.Linear(2, 2))
+    model[0].running_mean = torch.zeros(2, device="meta")
+    _raises(ValueError, lambda: check_model(model, "prune_graph"), "buffer '0.running_mean'", "meta device")
+    model[1].bias = torch.nn.Parameter(torch.zeros(2, device="meta"))
+    _raises(ValueError, lambda: check_model(model, "prune_graph"), "parameter '1.bias'", "meta device")

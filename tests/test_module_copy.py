@@ -83,3 +83,13 @@ def test_copy_computes_what_the_original_computes():
     m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
     x = torch.randn(1, 3, 8, 8)
     assert torch.equal(deepcopy_modules(m, {})(x), m(x))
+
+
+def test_an_empty_dict_held_twice_is_one_new_dict_in_the_copy():
+    m = nn.Linear(2, 2)
+    m.table = {}
+    m.same_table = m.table
+    c = deepcopy_modules(m, {})
+    assert c.table is c.same_table and c.table is not m.table
+    c.table["k"] = 1
+    assert m.table == {}

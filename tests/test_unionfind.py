@@ -17,15 +17,16 @@ def _random_edges(seed: int, n: int, m: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_components_label_each_element_with_its_components_smallest_member(seed):
-    a, b = _random_edges(seed, 200, 150)
+@pytest.mark.parametrize("n,m", [(200, 150), (2000, 60)], ids=["dense", "few-edges"])
+def test_components_label_each_element_with_its_components_smallest_member(seed, n, m):
+    a, b = _random_edges(seed, n, m)
     g = nx.Graph()
-    g.add_nodes_from(range(200))
+    g.add_nodes_from(range(n))
     g.add_edges_from(zip(a.tolist(), b.tolist()))
-    expected = np.empty(200, np.int64)
+    expected = np.empty(n, np.int64)
     for comp in nx.connected_components(g):
         expected[list(comp)] = min(comp)
-    assert components(200, a, b).tolist() == expected.tolist()
+    assert components(n, a, b).tolist() == expected.tolist()
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -187,7 +187,7 @@ def shape_of(arg: Any) -> tuple[int, ...] | None:
     if isinstance(arg, torch.fx.Node):
         tm = arg.meta.get(M.TENSOR_META)
         if tm is not None and hasattr(tm, "shape"):
-            return tuple(int(s) for s in tm.shape)
+            return tuple(map(int, tm.shape))
     return None
 
 

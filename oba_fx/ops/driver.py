@@ -37,7 +37,7 @@ def apply_rule(gm: torch.fx.GraphModule, node: torch.fx.Node, b: Builder, state:
         node.meta[M.SPACES] = None
         return
     rule = rule_for_node(gm, node, state.modules)
-    if not tensor_args(node) and node.meta.get(M.TENSOR_META) is None:
+    if node.meta.get(M.TENSOR_META) is None and not tensor_args(node):
         check_taint(ctx)  # plain Python values (or None picked from a tuple)
         node.meta[M.SPACES] = None
         return

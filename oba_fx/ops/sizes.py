@@ -89,6 +89,8 @@ def check_taint(ctx: Ctx) -> None:
     """A channel count read from a shape may only size the spaced dims of view/reshape/expand
     (which slimming rewrites). Anywhere else it would silently keep the old count: pin."""
     node, st = ctx.node, ctx.state
+    if not st.taint and not st.size_vec:  # no size read so far: nothing can be tainted
+        return
     t = node.target
     if t in SIZE_CONSUMERS and is_tensor(node):
         start = 1
