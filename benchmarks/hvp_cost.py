@@ -250,7 +250,12 @@ def peak_memory(model_name: str, method: str) -> float | None:
 
 
 def all_in(model_name: str, n_batches: int, runs: int) -> dict:
-    """All-in ``score(criterion="oba")`` vs ``n_batches`` gradients, interleaved, ``runs`` times."""
+    """All-in ``score(criterion="oba")`` vs ``n_batches`` gradients, interleaved, ``runs`` times.
+
+    Each run times both sides (which goes first alternates) by wall clock (``all_in_x``) and by
+    this process's CPU time over all its threads (``all_in_cpu_x``, ``time.process_time``): on a
+    shared machine the wall-clock ratio moves with the other processes' load, the CPU-time ratio
+    much less."""
     import oba_fx
     from oba_fx import hvp_cache
 
@@ -266,15 +271,20 @@ def all_in(model_name: str, n_batches: int, runs: int) -> dict:
             out = functional_call(model, (dict(zip(names, leaves)), dict(model.named_buffers())), (x,))
             torch.autograd.grad(F.cross_entropy(out, y), leaves)
 
-    rows = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        grads()
-        t_grad = time.perf_counter() - t0
+    def score() -> None:
         hvp_cache.clear()
-        t0 = time.perf_counter()
         oba_fx.score(model, data, example_inputs=(data[0][0][:1],), criterion="oba", progress=False)
-        t_score = time.perf_counter() - t0
+
+    rows = []
+    for run in range(runs):
+        # alternate which side goes first, so a load change mid-run does not always favour one side
+        first, second = (grads, score) if run % 2 == 0 else (score, grads)
+        clocks = {}
+        for f in (first, second):
+            t0, c0 = time.perf_counter(), time.process_time()
+            f()
+            clocks[f] = (time.perf_counter() - t0, time.process_time() - c0)
+        (t_grad, c_grad), (t_score, c_score) = clocks[grads], clocks[score]
         t0 = time.perf_counter()
         prog = hvp_cache.program_for(model, *data[0], names=names, hessian="functional", loss_fn=None,
                                      with_grad=False)
@@ -289,12 +299,13 @@ def all_in(model_name: str, n_batches: int, runs: int) -> dict:
         t_batch = time.perf_counter() - t0
         g1 = t_grad / n_batches
         rows.append({"grad_s": g1, "score_all_in_s": t_score, "all_in_x": t_score / t_grad,
+                     "all_in_cpu_x": c_score / c_grad, "score_first": run % 2 == 1,
                      "generation_s": t_gen, "generation_x_grad": t_gen / g1, "cache_lookup_s": t_lookup,
                      "program_batch_x_grad": t_batch / g1, "generator": prog.stats.get("generator", "make_fx")})
         print("  " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in rows[-1].items()),
               flush=True)
     summary = {}
-    for k in ("all_in_x", "generation_x_grad", "program_batch_x_grad", "grad_s", "generation_s"):
+    for k in ("all_in_x", "all_in_cpu_x", "generation_x_grad", "program_batch_x_grad", "grad_s", "generation_s"):
         vals = [r[k] for r in rows]
         summary[k] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
         print(f"  {k}: median {summary[k]['median']:.3f} (range {min(vals):.3f}-{max(vals):.3f})")
