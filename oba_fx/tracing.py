@@ -204,8 +204,12 @@ def eval_mode(module: nn.Module):
     statistics nor draws dropout masks.
     """
     modes = [(m, m.training) for m in module.modules()]
-    if any(t or type(m).train is not nn.Module.train for m, t in modes):  # else eval() changes nothing
-        module.eval()
+    if type(module).eval is not nn.Module.eval or any(type(m).train is not nn.Module.train for m, _ in modes):
+        module.eval()  # a module's own eval() / train() decides
+    else:  # what nn.Module.eval() does, without its recursive calls
+        for m, t in modes:
+            if t:
+                m.training = False
     try:
         with torch.no_grad():
             yield module
