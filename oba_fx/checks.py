@@ -66,14 +66,21 @@ itself (an nn.Module instance, e.g. torchvision.models.resnet18())
         raise BadTypeError(f"{who} expects a torch.nn.Module, got {type(model).__name__}; pass the network itself "
                            "(an nn.Module instance, e.g. torchvision.models.resnet18())")
     modules = list(model.named_modules())  # one walk for both loops
+    if any(t is not None and t.is_meta for _, m in modules for table in (m._parameters, m._buffers)
+           for t in table.values()):
+        _raise_on_meta(modules, who)
+    if finite:
+        check_finite_model(model)
+
+
+def _raise_on_meta(modules: list[tuple[str, nn.Module]], who: str) -> None:
+    """Raise naming the first parameter, else buffer, on the meta device."""
     for kind, attr in (("parameter", "_parameters"), ("buffer", "_buffers")):
         for name, t in _named(modules, attr):
             if t.device.type == "meta":
                 raise BadInputError(f"{who}: {kind} {name!r} is on the meta device (a shape without values); "
                                     "materialise the model first, e.g. model.to_empty(device='cpu') then "
                                     "model.load_state_dict(...)")
-    if finite:
-        check_finite_model(model)
 
 
 def _named(modules: list[tuple[str, nn.Module]], attr: str):

@@ -251,10 +251,37 @@ def _layer_norm_result(x: Any, normalized_shape: Any, weight: Any, bias: Any, ep
     return out if _plain(out) else None  # a shape also channels-last contiguous: torch chooses
 
 
+def _mean_result(x: Any, dim: Any, keepdim: Any, dtype: Any) -> torch.Tensor | None:
+    """``x.mean(dim, keepdim)`` over the listed dims of a plain tensor: contiguous, as torch makes it."""
+    dims = [dim] if type(dim) is int else dim
+    if not _plain(x) or dtype is not None or type(keepdim) is not bool or not isinstance(dims, (list, tuple)) \
+            or not dims or not all(type(d) is int for d in dims) or x.dim() == 0 or 0 in x.shape:
+        return None
+    nd = x.dim()
+    if not all(-nd <= d < nd for d in dims) or len({d % nd for d in dims}) != len(dims):
+        return None  # torch's own error
+    gone = {d % nd for d in dims}
+    if keepdim:
+        shape = [1 if i in gone else n for i, n in enumerate(x.shape)]
+    else:
+        shape = [n for i, n in enumerate(x.shape) if i not in gone]
+    out = _empty(shape, x)
+    return out if out.dim() == 0 or _plain(out) else None  # a shape also channels-last contiguous: torch chooses
+
+
+def _mean_bound(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """:func:`_mean_result` of ``mean``'s arguments (``dtype`` only by keyword, as in torch)."""
+    if len(args) > 3:
+        return None
+    bound = _bind(args, kwargs, ("input", "dim", "keepdim", "dtype"), (None, False, None))
+    return None if bound is None else _mean_result(*bound)
+
+
 def function_result(target: Any, args: tuple, kwargs: dict) -> torch.Tensor | None:
     """What ``target(*args, **kwargs)`` returns, for ``add``/``mul`` (``operator``, ``torch``) of
     floating-point tensors of one dtype that broadcast (and Python numbers), ``torch.cat`` of
-    contiguous tensors and ``F.layer_norm`` (whose results torch makes contiguous); else ``None``.
+    contiguous tensors, ``F.layer_norm`` and ``torch.mean`` over listed dims (whose results torch
+    makes contiguous); else ``None``.
 
     Example:
         >>> x = torch.empty(2, 3, device="meta")
@@ -264,6 +291,8 @@ def function_result(target: Any, args: tuple, kwargs: dict) -> torch.Tensor | No
     if target is torch.cat:
         bound = _bind(args, kwargs, ("tensors", "dim"), (0,))
         return None if bound is None else _cat_result(*bound)
+    if target is torch.mean:
+        return _mean_bound(args, kwargs)
     if target is F.layer_norm:
         bound = _bind(args, kwargs, ("input", "normalized_shape", "weight", "bias", "eps"), (None, None, 1e-5))
         return None if bound is None else _layer_norm_result(*bound)
@@ -274,7 +303,9 @@ def function_result(target: Any, args: tuple, kwargs: dict) -> torch.Tensor | No
 
 def method_result(name: str, args: tuple, kwargs: dict) -> torch.Tensor | None:
     """What ``args[0].<name>(*args[1:], **kwargs)`` returns, for ``Tensor.add`` / ``Tensor.mul`` as
-    :func:`function_result`; else ``None``."""
+    :func:`function_result`, and ``Tensor.mean`` over listed dims; else ``None``."""
+    if name == "mean" and args and isinstance(args[0], torch.Tensor):
+        return _mean_bound(args, kwargs)
     if kwargs or len(args) != 2 or name not in _BINARY_METHODS or not isinstance(args[0], torch.Tensor):
         return None
     return _binary_result(args)

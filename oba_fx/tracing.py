@@ -17,7 +17,6 @@ import logging
 import os
 import sys
 import traceback
-from collections import OrderedDict
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -27,6 +26,7 @@ import torch.nn as nn
 from . import attention
 from .checks import check_model
 from .errors import BadInputError, TraceError
+from .leaf_tracer import LeafTracer
 from .meta import SPECIALISED
 from .meta_shapes import meta_shapes as _meta_shapes
 from .module_copy import deepcopy_modules
@@ -34,51 +34,6 @@ from .module_copy import deepcopy_modules
 log = logging.getLogger(__name__)
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
-
-
-class _Scope(torch.fx.proxy.Scope):
-    """A tracer's current scope; ``copy.copy`` of it is a direct copy, not the generic
-    ``__reduce_ex__`` round trip (torch.fx copies the scope at every module call)."""
-
-    def __copy__(self) -> "_Scope":
-        return _Scope(self.module_path, self.module_type)
-
-
-class _ModuleStack(OrderedDict):
-    """A tracer's module stack; ``copy.copy`` of it is the plain ``OrderedDict`` that torch.fx
-    stores as every node's ``nn_module_stack``, made directly.
-
-    Example:
-        >>> stack = _ModuleStack(a=("a", int))
-        >>> c = copy.copy(stack)
-        >>> type(c).__name__, c == stack, c is stack
-        ('OrderedDict', True, False)
-    """
-
-    def __copy__(self) -> OrderedDict:
-        return OrderedDict(self)
-
-
-class LeafTracer(torch.fx.Tracer):
-    """``torch.fx.Tracer`` whose leaves are torch.nn's own modules plus the user's choice.
-
-    Args:
-        leaf_modules: module classes, or qualified module names, to keep as single calls.
-    """
-
-    def __init__(self, leaf_modules: Iterable[type | str] = ()) -> None:
-        super().__init__()
-        # torch.fx copies both with copy.copy at every module call / node; these copy directly
-        self.scope = _Scope("", None)
-        self.module_stack = _ModuleStack()
-        leaves = tuple(leaf_modules)
-        self.leaf_types = tuple(x for x in leaves if isinstance(x, type))
-        self.leaf_names = {x for x in leaves if isinstance(x, str)}
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if qualname in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
-            return True
-        return super().is_leaf_module(m, qualname)
 
 
 def _user_frame(tb) -> str | None:
@@ -249,8 +204,12 @@ def eval_mode(module: nn.Module):
     statistics nor draws dropout masks.
     """
     modes = [(m, m.training) for m in module.modules()]
-    if any(t or type(m).train is not nn.Module.train for m, t in modes):  # else eval() changes nothing
-        module.eval()
+    if type(module).eval is not nn.Module.eval or any(type(m).train is not nn.Module.train for m, _ in modes):
+        module.eval()  # a module's own eval() / train() decides
+    else:  # what nn.Module.eval() does, without its recursive calls
+        for m, t in modes:
+            if t:
+                m.training = False
     try:
         with torch.no_grad():
             yield module

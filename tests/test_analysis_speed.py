@@ -167,6 +167,21 @@ def test_eval_mode_calls_a_modules_own_train_even_when_all_are_in_eval():
     assert CountsTrain.calls == before + 1
 
 
+class OwnEval(nn.Sequential):
+    """A model with its own ``eval()``: ``eval_mode`` must call it, not only set the flags."""
+
+    def eval(self):
+        self.evaluated = True
+        return super().eval()
+
+
+def test_eval_mode_calls_the_models_own_eval():
+    m = OwnEval(nn.Linear(2, 2), nn.Dropout())
+    with eval_mode(m):
+        assert getattr(m, "evaluated", False) and not m[1].training
+    assert m.training and m[1].training
+
+
 class Nested(nn.Module):
     """A module called twice, nested containers and a method call: scopes and module stacks."""
 

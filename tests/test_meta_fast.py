@@ -206,3 +206,27 @@ def test_layer_norm_result_leaves_shape_mismatches_to_torch():
     assert meta_fast.function_result(F.layer_norm, (x, (4,)), {}) is None
     assert meta_fast.function_result(F.layer_norm, (x, (5,), _meta(4)), {}) is None
     assert meta_fast.function_result(F.layer_norm, (x, (5,), _meta(5, dtype=torch.float64)), {}) is None
+
+
+def test_mean_result_equals_tensor_mean_over_listed_dims():
+    checked = 0
+    for x in _layouts(2, 8, 5, 5) + _layouts(1, 6, 7, 7) + _layouts(3, 4, 5) + [_meta(2, 3), _meta(4, 1, 3, 3)]:
+        for k in range(1, x.dim() + 1):
+            for dims in itertools.combinations(range(-x.dim(), 0), k):
+                for keep in (False, True):
+                    fast = meta_fast.method_result("mean", (x, list(dims), keep), {})
+                    via_fn = meta_fast.function_result(torch.mean, (x, dims), {"keepdim": keep})
+                    for got in (fast, via_fn):
+                        if got is not None:
+                            _same(got, x.mean(list(dims), keepdim=keep))
+                            checked += 1
+    assert checked > 100
+    _same(meta_fast.method_result("mean", (_meta(1, 1280, 7, 7), [2, 3]), {}), _meta(1, 1280, 7, 7).mean([2, 3]))
+
+
+def test_mean_result_leaves_other_uses_to_torch():
+    x = _meta(2, 3, 4, 4)
+    for args, kwargs in [((x,), {}), ((x, [2, 2]), {}), ((x, [4]), {}), ((x, []), {}), ((x, 1), {"dtype": torch.float64}),
+                         ((x, [2, 3], True), {}), ((x.contiguous(memory_format=torch.channels_last), [1]), {}),
+                         ((x, 1, False, torch.float64), {}), ((_meta(0, 3), 1), {})]:
+        assert meta_fast.method_result("mean", args, kwargs) is None, (args, kwargs)

@@ -39,9 +39,14 @@ def couple_broadcast(ctx: Ctx, args: list[Any] | None = None) -> None:
     out = ctx.out_shape
     if out is None:
         return ctx.set(EMPTY)
-    args = tensor_args(ctx.node) if args is None else args
-    spaces = [o for d in range(len(out)) if (o := broadcast_dim(ctx, args, d)) is not None]
+    operands = _operands(tensor_args(ctx.node) if args is None else args)
+    spaces = [o for d in range(len(out)) if (o := _broadcast_dim(ctx, operands, d)) is not None]
     ctx.set(TensorSpaces(tuple(spaces)))
+
+
+def _operands(args: list[Any]) -> list[tuple[tuple[int, ...], TensorSpaces]]:
+    """The shape and spaces of each operand, looked up once for all dims."""
+    return [(shape_of(a), tensor_spaces(a)) for a in args]
 
 
 def broadcast_dim(ctx: Ctx, args: list[Any], d: int) -> Space | None:
@@ -49,16 +54,19 @@ def broadcast_dim(ctx: Ctx, args: list[Any], d: int) -> Space | None:
     right), tied to every operand's space there; ``None`` when there is none. An operand that
     broadcasts from size 1 has its space pinned; an operand without a space spanning the dim
     pins the others (it could not be sliced)."""
+    return _broadcast_dim(ctx, _operands(args), d)
+
+
+def _broadcast_dim(ctx: Ctx, operands: list[tuple[tuple[int, ...], TensorSpaces]], d: int) -> Space | None:
     out = ctx.out_shape
     nd = len(out)
     tied: list[Space] = []
     blocked = False
-    for a in args:
-        sh = shape_of(a)
+    for sh, spaces in operands:
         ad = d - (nd - len(sh))
         if ad < 0:
             continue
-        s = tensor_spaces(a).at(ad)
+        s = spaces.at(ad)
         if sh[ad] != out[d]:  # broadcast from size 1
             ctx.b.pin(s)
         elif s is None:
