@@ -20,7 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -30,6 +32,9 @@ from torch.func import functional_call
 from oba_fx.hvp import fused_hvp
 from oba_fx.hvp_direct import _Generator, build_direct_program
 from oba_fx.models.vit_cifar import vit_cifar
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hvp_cost import time_all  # noqa: E402  (benchmarks/ is not a package)
 
 
 def traced_vit() -> torch.nn.Module:
@@ -49,18 +54,6 @@ def gradient_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Cal
         loss = F.cross_entropy(functional_call(model, (leaves, buffers), (x,)), y)
         return torch.autograd.grad(loss, list(leaves.values()))
     return grad
-
-
-def interleaved(fns: dict[str, Callable], runs: int) -> dict[str, list[float]]:
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(runs):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return times
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -88,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
            "program functional (+g)": lambda: prog_g(model, x, y),
            "program functional, generic rule only": lambda: prog_generic(model, x, y),
            "eager fused_hvp functional": lambda: fused_hvp(model, (x, y), hessian="functional")}
-    times = interleaved(fns, args.runs)
+    times = time_all(fns, args.runs)
     base = statistics.median(times["grad"])
     out = {"batch": args.batch, "threads": args.threads, "runs": args.runs,
            "generation_s": statistics.median(gen_times), "methods": {}}
