@@ -142,7 +142,9 @@ def markdown(result: dict) -> str:
              f"distilled from the dense model. Exact-1k / JPEG-10k top-1 %.", "",
              "| kind | criterion | level | FLOPs | one-shot exact-1k | one-shot JPEG | fine-tuned exact-1k | "
              "fine-tuned JPEG | zeros kept |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in result["rows"]:
+    kinds = {"dense": 0, "structured": 1, "unstructured": 2}
+    for r in sorted(result["rows"], key=lambda r: (kinds[r["kind"]], -r["level"] if r["kind"] == "structured"
+                                                   else r["level"], r["spec"])):
         zeros = ("yes" if r.get("zeros_after", 0) >= r.get("zeros_before", 0) - 1e-9 else "NO") \
             if "zeros_before" in r else ""
         flops = f"{r['flops']:.3f}" if "flops" in r else ""
