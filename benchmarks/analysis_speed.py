@@ -348,6 +348,27 @@ def write_zoo(a: argparse.Namespace, rows: list[dict], tp) -> None:
             json.dump({"meta": meta, "rows": rows}, f, indent=1, default=str)
 
 
+def cold_pairs(a: argparse.Namespace, name: str, sides: tuple[str, ...]) -> dict[str, Any]:
+    """``--cold-repeats`` first calls per side, each in a fresh process, the sides alternating
+    which goes first; the median per side (and every run, with more than one)."""
+    import analysis_zoo as Z
+
+    runs: dict[str, list[float]] = {s: [] for s in sides}
+    row: dict[str, Any] = {}
+    for i in range(a.cold_repeats):
+        for side in (sides if i % 2 == 0 else sides[::-1]):
+            s, err = Z.cold(side, name, a.threads, __file__)
+            if err:
+                row[f"{side}_cold_error"] = err
+            elif s is not None:
+                runs[side].append(s)
+    for side, xs in runs.items():
+        row[f"{side}_cold_s"] = statistics.median(xs) if xs else None
+        if a.cold_repeats > 1:
+            row[f"{side}_cold_runs"] = xs
+    return row
+
+
 def run_zoo(a: argparse.Namespace) -> int:
     """Analysis only over the zoo (``benchmarks/analysis_zoo.py``): warm and/or cold, both sides."""
     import analysis_zoo as Z
@@ -364,10 +385,7 @@ def run_zoo(a: argparse.Namespace) -> int:
         if a.protocol in ("warm", "both"):
             row.update(Z.warm(tp, name, a.runs))
         if a.protocol in ("cold", "both") and name in cold_names:
-            for side in ("ours",) + (("tp",) if tp is not None else ()):
-                row[f"{side}_cold_s"], err = Z.cold(side, name, a.threads, __file__)
-                if err:
-                    row[f"{side}_cold_error"] = err
+            row.update(cold_pairs(a, name, ("ours",) + (("tp",) if tp is not None else ())))
         rows.append(row)
         print(f"[{name}] {json.dumps({k: v for k, v in row.items() if not k.endswith('runs')}, default=str)}",
               file=sys.stderr, flush=True)
@@ -398,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="--zoo: warm (one process, warm-up then median), cold (first call, fresh process) or both")
     p.add_argument("--cold-models", nargs="+", metavar="NAME",
                    help="--zoo --protocol both: time cold only these models (default: all)")
+    p.add_argument("--cold-repeats", type=int, default=1, metavar="N",
+                   help="--zoo: N cold calls per side and model, alternating which side goes first; median")
     p.add_argument("--first", nargs="+", metavar="NAME", help="--zoo: time these models first")
     p.add_argument("--md", metavar="OUT", help="--zoo: write the ratio table (Markdown) to this file")
     p.add_argument("--child", nargs=2, metavar=("SIDE", "NAME"), help=argparse.SUPPRESS)

@@ -65,8 +65,10 @@ class MultiheadAttention(nn.Module):
             p = getattr(m, name, None)
             if p is not None:
                 new.register_parameter(name, p)
+        # built on the meta device (no random initialisation of weights it replaces at once: on ViT-L
+        # that initialisation alone took longer than the rest of the analysis)
         out = nn.Linear(m.out_proj.in_features, m.out_proj.out_features, bias=m.out_proj.bias is not None,
-                        device=m.out_proj.weight.device, dtype=m.out_proj.weight.dtype)
+                        device="meta", dtype=m.out_proj.weight.dtype)
         out.weight = m.out_proj.weight
         if m.out_proj.bias is not None:
             out.bias = m.out_proj.bias

@@ -5,18 +5,9 @@ batches of 64 (the loader's choice), the learning rate multiplied by ``gamma = 0
 milestones ``[epochs // 2, 3 * epochs // 4]``. Each epoch is one call of :func:`train_epoch`, the
 training loop the benchmarks use too (with any optimizer and per-batch schedule).
 
-Distillation (Hinton, Vinyals and Dean, 2015): with ``teacher=`` (for pruning: the dense model
-before pruning, as ``oba-fx prune --finetune-epochs N`` does by default) the loss is
-:func:`distillation_loss`, ``(1 - α)·CE(student, y) + α·T²·KL(softmax(teacher/T) ‖ softmax(student/T))``.
-Defaults ``T = 4``, ``α = 0.9``: the teacher is the very network the student was cut from, so its
-function is the target and its soft outputs the main signal; the hard labels keep a 10 % share.
-Our training images are JPEG-degraded copies (``shared/data``) on which the dense model is about
-10 points less accurate than on exact images, so fitting their hard labels pulls the network
-towards the degraded distribution, while matching the dense model's outputs on them does not.
-``T = 4`` is the value most often used on CIFAR-10 (e.g. Tian et al., "Contrastive
-Representation Distillation", 2020): a 93 %-accurate network's softmax is nearly one-hot at
-``T = 1``, and ``T = 4`` lets the ranking of the other classes carry signal; the ``T²`` factor
-keeps the soft term's gradient at the scale of the hard one's. Both are options.
+Distillation: with ``teacher=`` (for pruning: the dense model before pruning, as ``oba-fx prune
+--finetune-epochs N`` does by default) each batch's loss is :func:`~oba_fx.distill.distillation_loss`
+(defaults ``T = 4``, ``α = 0.9``; :mod:`oba_fx.distill` says why).
 ``benchmarks/finetune_recipe.py`` measures the recipe on the dense pretrained ResNet-56 (one
 epoch on the first 25,000 training images): labels only 92.6 → 91.0 % on the 1,000 exact test
 images (83.9 → 88.7 % on JPEG test images, the training distribution); self-distilled with these
@@ -78,14 +69,9 @@ Example:
 from __future__ import annotations
 
 import collections
-import contextlib
-import copy
-import itertools
 import logging
-import math
 import os
 import sys
-import time
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,27 +79,23 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
-from .batches import length, module_device, to_device
+from .batches import module_device
 from .checkpoint import CHECKPOINT_NAME, FORMAT, VERSION, read_checkpoint, rng_state, scheduler_state, set_rng_state
+from .distill import (DEFAULT_DISTILL_WEIGHT, DEFAULT_TEMPERATURE, check_distill_settings, check_teacher,
+                      distillation_loss, teacher_on)
 from .distributed import is_main, world
 from .evaluate import evaluate
 from .finetune_ddp import EpochData, data_parallel, reduce_sums, use_shards
 from .io import atomic_save
-from .checks import LabelCheck, check_data, check_model
-from oba_fx.errors import BadInputError, BadNameError, BadTypeError, DivergedError
+from .checks import check_data, check_model
+from .train_loop import apply_masks, prepare_masks, train_epoch
+from oba_fx.errors import BadInputError
 
 __all__ = ["CHECKPOINT_NAME", "DEFAULT_DISTILL_WEIGHT", "DEFAULT_TEMPERATURE", "FinetuneResult", "distillation_loss",
            "finetune", "train_epoch"]
 
 logger = logging.getLogger(__name__)
-
-#: Default distillation temperature ``T`` (see the module documentation).
-DEFAULT_TEMPERATURE = 4.0
-#: Default share ``α`` of the distillation term (see the module documentation).
-DEFAULT_DISTILL_WEIGHT = 0.9
-
 
 @dataclass(frozen=True)
 class FinetuneResult:
@@ -157,361 +139,11 @@ class FinetuneResult:
         return max(accs) if accs else None
 
 
-# ----------------------------------------------------------------------------------------------
-# helpers
-
-
-
-
-def _batch_size(y: Any) -> int:
-    if isinstance(y, torch.Tensor) and y.dim() > 0:
-        return int(y.shape[0])
-    if isinstance(y, (list, tuple)) and y:
-        return _batch_size(y[0])
-    return 1
-
-
-def _prepare_masks(model: nn.Module, masks: Mapping[str, torch.Tensor] | None
-                   ) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
-    if not masks:
-        return []
-    params = dict(model.named_parameters())
-    out = []
-    for name, mask in masks.items():
-        if name not in params:
-            raise BadNameError(f"mask for {name!r}, which is not a parameter of the model; parameters are e.g. "
-                               f"{sorted(params)[:8]}")
-        p = params[name]
-        mask = torch.as_tensor(mask)
-        if mask.shape != p.shape:
-            raise BadInputError(f"mask for {name!r} has shape {tuple(mask.shape)}, the parameter {tuple(p.shape)}")
-        out.append((p, mask.to(device=p.device, dtype=p.dtype)))
-    return out
-
-
-@torch.no_grad()
-def _apply_masks(masks: list[tuple[torch.nn.Parameter, torch.Tensor]]) -> None:
-    for p, m in masks:
-        p.mul_(m)
-
 
 def _lr_for_epoch(lr: float, gamma: float, milestones: list[int], epoch0: int) -> float:
     """Learning rate of the 0-based epoch ``epoch0`` under a multi-step schedule."""
     return lr * gamma ** sum(1 for m in milestones if m <= epoch0)
 
-
-# ----------------------------------------------------------------------------------------------
-# distillation
-
-
-def _check_distill_settings(temperature: float, weight: float) -> None:
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise BadInputError(f"the distillation temperature must be a positive number, got {temperature!r} "
-                         f"(default {DEFAULT_TEMPERATURE})")
-    if not (isinstance(weight, (int, float)) and 0.0 <= weight <= 1.0):
-        raise BadInputError(f"the distillation weight is the share of the teacher's loss and must be in [0, 1], "
-                         f"got {weight!r} (0: plain cross-entropy; default {DEFAULT_DISTILL_WEIGHT})")
-
-
-def _check_logits(student: Any, teacher: Any) -> None:
-    for who, t in (("student", student), ("teacher", teacher)):
-        if not isinstance(t, torch.Tensor):
-            raise BadTypeError(f"distillation needs logits tensors, but the {who} returned {type(t).__name__}; "
-                            "wrap the model so that its forward returns the (batch, classes) logits")
-    if student.shape != teacher.shape or student.dim() != 2:
-        raise BadInputError(
-            f"distillation needs student and teacher logits of the same shape (batch, classes), got "
-            f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)}; use a teacher with the "
-            "student's classes in the same order (e.g. the dense model before pruning), or turn distillation "
-            "off (teacher=None; CLI: --no-distill)")
-
-
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: Any,
-                      temperature: float = DEFAULT_TEMPERATURE, weight: float = DEFAULT_DISTILL_WEIGHT, *,
-                      loss_fn: Callable[[Any, Any], torch.Tensor] | None = None) -> torch.Tensor:
-    """Knowledge-distillation loss (Hinton et al., 2015): hard labels plus the teacher's softened logits.
-
-    ``(1 - weight) * CE(student, targets) + weight * T² * KL(softmax(teacher / T) ‖ softmax(student / T))``
-    with ``T = temperature``; the KL divergence is summed over the classes and averaged over the batch
-    ("batchmean"), the cross-entropy averaged over the batch. The factor ``T²`` keeps the soft term's
-    gradients at the scale of the hard term's whatever the temperature. No gradient flows into
-    ``teacher_logits``.
-
-    Args:
-        student_logits: ``(batch, classes)`` scores of the model being trained.
-        teacher_logits: ``(batch, classes)`` scores of the teacher, same shape.
-        targets: Class indices (whatever ``loss_fn`` takes).
-        temperature: Softening temperature ``T > 0``.
-        weight: Share ``α`` in [0, 1] of the soft term; 0 gives exactly the hard loss.
-        loss_fn: The hard loss ``loss_fn(student_logits, targets)``; default cross-entropy.
-
-    Returns:
-        A scalar tensor.
-
-    Raises:
-        ValueError: Logits of different shapes (both are named) or not 2-D, a temperature
-            ``<= 0`` or a weight outside [0, 1].
-        TypeError: Logits that are not tensors.
-
-    Example:
-        >>> import torch
-        >>> import torch.nn.functional as F
-        >>> s = torch.tensor([[2.0, 0.0, -1.0]]); t = torch.tensor([[1.0, 0.5, -0.5]]); y = torch.tensor([0])
-        >>> bool(distillation_loss(s, t, y, weight=0.0) == F.cross_entropy(s, y))
-        True
-        >>> float(distillation_loss(s, s, y, temperature=4.0, weight=1.0))  # the teacher agrees: no loss
-        0.0
-        >>> round(float(distillation_loss(s, t, y, temperature=1.0, weight=1.0)), 4)
-        0.2459
-    """
-    _check_logits(student_logits, teacher_logits)
-    _check_distill_settings(temperature, weight)
-    hard = None if weight == 1 else (loss_fn if loss_fn is not None else nn.functional.cross_entropy)(
-        student_logits, targets)
-    if weight == 0:
-        return hard
-    log_p_student = nn.functional.log_softmax(student_logits / temperature, dim=1)
-    log_p_teacher = nn.functional.log_softmax(teacher_logits.detach().to(student_logits.dtype) / temperature, dim=1)
-    soft = nn.functional.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
-    soft = (temperature * temperature) * soft
-    return soft if hard is None else (1.0 - weight) * hard + weight * soft
-
-
-def _check_teacher(teacher: nn.Module, model: nn.Module) -> None:
-    if not isinstance(teacher, nn.Module):
-        raise BadTypeError(f"teacher must be a torch.nn.Module, got {type(teacher).__name__}")
-    if teacher is model or {id(p) for p in teacher.parameters()} & {id(p) for p in model.parameters()}:
-        raise BadInputError("the teacher shares parameters with the model being trained; a teacher must stay fixed: "
-                         "pass a frozen copy taken before pruning, e.g. teacher=copy.deepcopy(model)")
-
-
-def _teacher_on(teacher: nn.Module, device: torch.device) -> nn.Module:
-    """``teacher`` itself if it lives on ``device``, else a copy moved there (the original is never touched)."""
-    if module_device(teacher) == device:
-        return teacher
-    logger.info("the teacher is on %s, the student trains on %s: distilling from a copy on %s",
-                module_device(teacher), device, device)
-    return copy.deepcopy(teacher).to(device)
-
-
-@contextlib.contextmanager
-def _eval_mode(module: nn.Module):
-    """Every submodule in eval mode inside the block; each one's own mode restored after it."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield module
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
-# ----------------------------------------------------------------------------------------------
-# one epoch
-
-
-def _forward(model: nn.Module, x: Any) -> Any:
-    return model(*x) if isinstance(x, (tuple, list)) else model(x)
-
-
-def _loss(model: nn.Module, teacher: nn.Module | None, x: Any, y: Any, loss_fn: Callable,
-          distill: tuple[float, float]) -> tuple[torch.Tensor, Any]:
-    """The batch's training loss (distilled with a teacher) and the model's outputs."""
-    out = _forward(model, x)
-    if teacher is None:
-        return loss_fn(out, y), out
-    with torch.no_grad():
-        teacher_out = _forward(teacher, x)
-    return distillation_loss(out, teacher_out, y, *distill, loss_fn=loss_fn), out
-
-
-def _correct(out: Any, y: Any) -> torch.Tensor | None:
-    """Top-1 hits (a 0-d tensor on the outputs' device) of a ``(batch, classes)`` output on class-index
-    targets; ``None`` for other outputs."""
-    if (isinstance(out, torch.Tensor) and isinstance(y, torch.Tensor) and out.dim() == 2 and y.dim() == 1
-            and len(y) == len(out) and not y.is_floating_point()):
-        return (out.detach().argmax(1) == y).sum()
-    return None
-
-
-def _step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
-          masks: list[tuple[torch.nn.Parameter, torch.Tensor]]) -> None:
-    """Backward, masked gradients, optimizer step, masked weights."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if masks:
-        with torch.no_grad():
-            for p, m in masks:
-                if p.grad is not None:
-                    p.grad.mul_(m)
-    optimizer.step()
-    _apply_masks(masks)
-
-
-class _Tally:
-    """Running sums of an epoch: per-sample loss, samples, batches, top-1 hits.
-
-    The loss and hit sums stay on the training device (no host synchronisation per batch);
-    :meth:`sums` reads them.
-    """
-
-    def __init__(self) -> None:
-        self.loss: torch.Tensor | float = 0.0
-        self.correct: torch.Tensor | int = 0
-        self.samples, self.batches, self.no_accuracy = 0, 0, 0
-
-    def add(self, loss: torch.Tensor, y: Any, correct: torch.Tensor | None) -> None:
-        bs = _batch_size(y)
-        self.loss = self.loss + loss.detach().double() * bs
-        self.samples += bs
-        self.batches += 1
-        if correct is None:
-            self.no_accuracy += 1
-        else:
-            self.correct = self.correct + correct
-
-    def sums(self) -> dict[str, float]:
-        """The sums as Python numbers (one host synchronisation)."""
-        return {"loss": float(self.loss), "samples": float(self.samples), "batches": float(self.batches),
-                "correct": float(self.correct), "no_accuracy": float(self.no_accuracy)}
-
-
-def _result(sums: Mapping[str, float], seconds: float) -> dict[str, Any]:
-    """``train_epoch``'s result from (possibly all-reduced) tally sums."""
-    n = sums["samples"]
-    return {"loss": sums["loss"] / n, "samples": int(n), "batches": int(sums["batches"]),
-            "accuracy": sums["correct"] / n if sums["no_accuracy"] == 0 else None, "seconds": seconds,
-            "sums": dict(sums)}
-
-
-def train_epoch(
-    model: nn.Module,
-    loader: Iterable,
-    optimizer: torch.optim.Optimizer,
-    *,
-    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
-    teacher: nn.Module | None = None,
-    temperature: float = DEFAULT_TEMPERATURE,
-    distill_weight: float = DEFAULT_DISTILL_WEIGHT,
-    masks: Mapping[str, torch.Tensor] | None = None,
-    scheduler: Any = None,
-    device: str | torch.device | None = None,
-    max_batches: int | None = None,
-    progress: bool = True,
-    desc: str = "training",
-    log_every: int = 0,
-    on_step: Callable[[int, Callable[[], dict[str, float]]], None] | None = None,
-) -> dict[str, Any]:
-    """One pass over ``loader``: forward, loss, backward and an ``optimizer`` step per batch.
-
-    The training loop of :func:`finetune` and of the benchmarks; any optimizer works (SGD, AdamW,
-    ...). The model is put in train mode (and left there); batches are moved to ``device``.
-
-    Args:
-        model: The network, trained in place.
-        loader: Iterable of ``(inputs, targets)`` batches; ``inputs`` may be a tuple of positional
-            inputs.
-        optimizer: Steps the model's parameters.
-        loss_fn: ``loss_fn(outputs, targets)``, a scalar mean loss; default cross-entropy. With a
-            teacher it is the hard term of :func:`distillation_loss`.
-        teacher: Distil from this model's logits (:func:`distillation_loss`). It runs in eval
-            mode under ``torch.no_grad()`` on the student's device (a copy is used if it lives
-            elsewhere), its parameters are never changed, and each submodule's train/eval mode
-            is restored afterwards.
-        temperature: Distillation temperature (with a teacher).
-        distill_weight: Share of the distillation term (with a teacher); 0 skips the teacher.
-        masks: ``{parameter name: 0/1 tensor}``; gradients are masked before, and weights after,
-            every step, so masked weights stay zero once they are.
-        scheduler: Stepped after every optimizer step (per-batch schedules such as warm-up and
-            cosine); epoch schedules belong to the caller.
-        device: Where the batches go; default the model's device.
-        max_batches: Stop after this many batches.
-        progress: Show a tqdm bar with the running mean loss.
-        desc: Label of the bar and of error and log messages (e.g. ``"epoch 2/5"``).
-        log_every: Log the running mean loss every this many batches (0: never).
-        on_step: Called after every optimizer step as ``on_step(batches done, sums)``; ``sums()``
-            returns the running ``{"loss", "samples", "batches", "correct", "no_accuracy"}`` (per-sample
-            loss summed), reading them from the device (:func:`finetune` writes its mid-epoch
-            checkpoints here).
-
-    Returns:
-        ``{"loss": mean per-sample loss, "samples": n, "batches": n, "accuracy": top-1 on the
-        training batches as trained (``None`` if the outputs are not (batch, classes) logits),
-        "seconds": wall time, "sums": the sums behind them (see ``on_step``)}``.
-
-    Raises:
-        ValueError: ``loader`` yielded no batches, or a bad teacher (see :func:`distillation_loss`).
-        FloatingPointError: The loss became NaN or infinite.
-
-    Example:
-        >>> import torch
-        >>> from torch.utils.data import DataLoader, TensorDataset
-        >>> _ = torch.manual_seed(0)
-        >>> x = torch.randn(64, 4); y = (x[:, 0] > 0).long()
-        >>> model = torch.nn.Linear(4, 2)
-        >>> opt = torch.optim.AdamW(model.parameters(), lr=0.05)
-        >>> stats = [train_epoch(model, DataLoader(TensorDataset(x, y), batch_size=16), opt, progress=False)
-        ...          for _ in range(5)]
-        >>> stats[-1]["samples"], stats[-1]["batches"], stats[-1]["loss"] < stats[0]["loss"]
-        (64, 4, True)
-    """
-    dev = torch.device(device) if device is not None else module_device(model)
-    loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
-    mask_list = _prepare_masks(model, masks)
-    if teacher is not None:
-        _check_teacher(teacher, model)
-        _check_distill_settings(temperature, distill_weight)
-        teacher = _teacher_on(teacher, dev) if distill_weight > 0 else None
-    model.train()
-    with _eval_mode(teacher) if teacher is not None else contextlib.nullcontext():
-        return _run_batches(model, loader, optimizer, loss_fn, teacher, (temperature, distill_weight), mask_list,
-                            scheduler, dev, max_batches, progress, desc, log_every, on_step)
-
-
-#: the loss is checked for NaN / infinity (a host synchronisation) every this many batches
-_CHECK_EVERY = 10
-
-
-def _checked(tally: _Tally, desc: str, first: int) -> dict[str, float]:
-    """The tally's sums; raises if the loss of a batch since batch ``first`` was not finite."""
-    sums = tally.sums()
-    if not math.isfinite(sums["loss"]):
-        raise DivergedError(f"training loss is {sums['loss']} in {desc}, between batches {first} and "
-                            f"{tally.batches}; lower the learning rate")
-    return sums
-
-
-def _run_batches(model, loader, optimizer, loss_fn, teacher, distill, mask_list, scheduler, dev, max_batches,
-                 progress, desc, log_every, on_step=None) -> dict[str, Any]:
-    """The batch loop of :func:`train_epoch` (arguments checked there)."""
-    tally, t0, checked = _Tally(), time.perf_counter(), 1
-    # The bar is fed by hand: handed the loader, tqdm.auto's class calls iter() on it at once, which starts a
-    # DataLoader's worker processes and draws from its generator for an iterator that is thrown away.
-    labels = LabelCheck(model, isinstance(loss_fn, nn.CrossEntropyLoss), lambda x: _forward(model, x))
-    bar = tqdm(desc=desc, disable=not progress, leave=False, total=length(loader, max_batches))
-    try:
-        for i, batch in enumerate(itertools.islice(loader, max_batches)):  # no batch beyond max_batches is drawn
-            x, y = to_device(batch[0], dev), to_device(batch[1], dev)
-            labels(x, y, f"{desc}, batch {i + 1}")
-            loss, out = _loss(model, teacher, x, y, loss_fn, distill)
-            _step(loss, optimizer, mask_list)
-            if scheduler is not None:
-                scheduler.step()
-            tally.add(loss, y, _correct(out, y))
-            bar.update(1)
-            b = tally.batches
-            if b % _CHECK_EVERY == 0 or (log_every and b % log_every == 0):
-                sums, checked = _checked(tally, desc, checked), b + 1
-                bar.set_postfix(loss=f"{sums['loss'] / sums['samples']:.4f}")
-                if log_every and b % log_every == 0:
-                    logger.info("%s, batch %d: mean loss %.4f", desc, b, sums["loss"] / sums["samples"])
-            if on_step is not None:
-                on_step(b, lambda: _checked(tally, desc, 1))
-    finally:
-        bar.close()
-    if tally.batches == 0:
-        raise BadInputError(f"{desc}: the training loader yielded no batches")
-    return _result(_checked(tally, desc, checked), time.perf_counter() - t0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -526,8 +158,8 @@ def _check_finetune_args(model: Any, epochs: Any, max_batches: int | None, teach
     if max_batches is not None and max_batches < 1:
         raise BadInputError(f"max_batches must be positive, got {max_batches}")
     if teacher is not None:
-        _check_teacher(teacher, model)
-        _check_distill_settings(temperature, distill_weight)
+        check_teacher(teacher, model)
+        check_distill_settings(temperature, distill_weight)
 
 
 def _checked_milestones(epochs: int, milestones: list[int] | None) -> list[int]:
@@ -720,8 +352,8 @@ def finetune(
     if device is not None:
         model.to(device)
     dev = torch.device(device) if device is not None else module_device(model)
-    mask_list = _prepare_masks(model, masks)
-    teacher = _teacher_on(teacher, dev) if teacher is not None and distill_weight > 0 else None
+    mask_list = prepare_masks(model, masks)
+    teacher = teacher_on(teacher, dev) if teacher is not None and distill_weight > 0 else None
 
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=gamma)
@@ -736,7 +368,7 @@ def finetune(
     if ckpt is not None:
         start, step0, base, epoch_rng = _restore(ckpt, ckpt_path, model, optimizer, scheduler, data, config, history,
                                                  lr, gamma, milestones)
-    _apply_masks(mask_list)
+    apply_masks(mask_list)
     net = data_parallel(model, dev)  # after the restore: DDP starts every rank from rank 0's weights
     if net is not model and masks:
         masks = {f"module.{k}": v for k, v in masks.items()}

@@ -27,6 +27,7 @@ import torch.fx
 import torch.nn as nn
 from torch.fx import traceback as fx_traceback
 from torch.fx.immutable_collections import immutable_dict
+from torch.utils._pytree import tree_map_
 
 #: argument types that a node stores as they are (torch.fx's own rule for them)
 _AS_IS = frozenset({str, int, float, bool, complex, type(None), type(...), torch.dtype, torch.device,
@@ -111,6 +112,69 @@ class _ModuleStack(OrderedDict):
         return OrderedDict(self)
 
 
+@functools.cache
+def _tensor_attributes() -> frozenset:
+    """Every callable attribute of ``torch.Tensor`` that ``object`` does not give it, and the
+    ``__get__`` of every other descriptor: the candidates torch's own
+    ``torch.overrides.is_tensor_method_or_property`` checks, taken from ``torch.Tensor`` alone."""
+    found = set()
+    for name in dir(torch.Tensor):
+        f = getattr(torch.Tensor, name)
+        if getattr(object, name, None) == f:
+            continue
+        if callable(f):
+            found.add(f)
+        elif hasattr(f, "__get__"):
+            found.add(f.__get__)
+    return frozenset(found)
+
+
+def is_tensor_method_or_property(func: Any) -> bool:
+    """Whether ``func``, as handed to ``__torch_function__``, is a method or property of
+    ``torch.Tensor``.
+
+    The same answer as ``torch.overrides.is_tensor_method_or_property`` for every function that
+    can reach ``__torch_function__``, without the table of every overridable function of every
+    torch namespace that torch builds, once per process, the first time it is asked (about 15 ms,
+    as long as a whole trace of a small model). The two differ only on the functions that torch
+    lists as not overridable, which never reach ``__torch_function__``.
+
+    Example:
+        >>> is_tensor_method_or_property(torch.Tensor.add), is_tensor_method_or_property(torch.add)
+        (True, False)
+        >>> is_tensor_method_or_property(torch.Tensor.shape.__get__)
+        True
+    """
+    return getattr(func, "__name__", None) == "__get__" or func in _tensor_attributes()
+
+
+class TracerProxy(torch.fx.Proxy):
+    """``torch.fx.Proxy`` whose ``__torch_function__`` tells a Tensor method from a function with
+    :func:`is_tensor_method_or_property`; otherwise torch.fx's own (same nodes, same errors)."""
+
+    @classmethod
+    def __torch_function__(cls, orig_method, types, args=None, kwargs=None):
+        if isinstance(orig_method, (torch._C.ScriptMethod, torch._ops.HigherOrderOperator)):
+            return super().__torch_function__(orig_method, types, args, kwargs)
+        args = args if args else ()
+        kwargs = kwargs if kwargs else {}
+        tracers: dict = {}
+
+        def find_tracer(a: Any) -> None:
+            if isinstance(a, torch.fx.Proxy):
+                tracers[a.tracer] = None
+
+        tree_map_(find_tracer, args)
+        tree_map_(find_tracer, kwargs)
+        if len(tracers) != 1:  # torch.fx's error
+            return super().__torch_function__(orig_method, types, args, kwargs)
+        tracer = next(iter(tracers))
+        if is_tensor_method_or_property(orig_method):
+            return tracer.create_proxy("call_method", orig_method.__name__, args, kwargs)
+        return tracer.create_proxy("call_function", orig_method, args, kwargs,
+                                   name=tracer.graph._target_to_str(orig_method.__name__))
+
+
 class LeafTracer(torch.fx.Tracer):
     """``torch.fx.Tracer`` whose leaves are torch.nn's own modules plus the user's choice.
 
@@ -120,6 +184,7 @@ class LeafTracer(torch.fx.Tracer):
 
     def __init__(self, leaf_modules: Iterable[type | str] = ()) -> None:
         super().__init__()
+        self._tensor_index: tuple | None = None  # (root, parameters by id, buffers by id)
         self.scope = _Scope("", None)
         self.module_stack = _ModuleStack()
         leaves = tuple(leaf_modules)
@@ -162,16 +227,62 @@ class LeafTracer(torch.fx.Tracer):
             scope.module_path, scope.module_type = prev
         return out
 
+    def proxy(self, node: torch.fx.Node) -> TracerProxy:
+        return TracerProxy(node, self)
+
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:
+        """torch.fx's rule (a parameter, or with ``proxy_buffer_attributes`` a buffer, of the root
+        becomes one ``get_attr`` node under its first qualified name; anything else is itself),
+        finding the name in an index of the root's tensors built once per trace instead of a walk
+        over every parameter per attribute read; a tensor the index does not know goes to
+        torch.fx's own search."""
         if not isinstance(attr_val, torch.Tensor):  # a submodule, a number...: itself
             return attr_val
-        return super().getattr(attr, attr_val, parameter_proxy_cache)
+        name = self._tensor_name(attr_val)
+        if name is None:
+            return super().getattr(attr, attr_val, parameter_proxy_cache)
+        if name not in parameter_proxy_cache:
+            factory = ((lambda node: torch.fx.proxy.ParameterProxy(self, node, name, attr_val))
+                       if self.param_shapes_constant else None)
+            parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {}, proxy_factory_fn=factory)
+        return parameter_proxy_cache[name]
+
+    def _tensor_name(self, t: torch.Tensor) -> str | None:
+        """The name torch.fx's ``getattr`` gives ``t``: its first name among the root's parameters
+        if it is a ``Parameter``, else (with ``proxy_buffer_attributes``) among its buffers; ``None``
+        when the index built at the first read of this trace does not know it (or it moved)."""
+        root = self.root
+        index = self._tensor_index
+        if index is None or index[0] is not root:
+            params: dict[int, tuple[str, torch.Tensor]] = {}
+            for n, p in root.named_parameters():
+                params.setdefault(id(p), (n, p))
+            buffers: dict[int, tuple[str, torch.Tensor]] = {}
+            for n, b in root.named_buffers():
+                buffers.setdefault(id(b), (n, b))
+            index = self._tensor_index = (root, params, buffers)
+        _, params, buffers = index
+        found = params.get(id(t)) if isinstance(t, nn.Parameter) else None
+        kind = "parameter"
+        if found is None and self.proxy_buffer_attributes:
+            found, kind = buffers.get(id(t)), "buffer"
+        if found is None or found[1] is not t:
+            return None
+        name = found[0]
+        *path, leaf = name.split(".")
+        module = root
+        for part in path:  # still where the index saw it (read from the tables: getattr is patched now)
+            module = module._modules.get(part)
+            if module is None:
+                return None
+        table = module._parameters if kind == "parameter" else module._buffers
+        return name if table.get(leaf) is t else None
 
     def create_arg(self, a: Any) -> Any:
         t = type(a)
         if t in _AS_IS:
             return a
-        if t is torch.fx.Proxy:
+        if t is TracerProxy or t is torch.fx.Proxy:
             return a.node
         if t is tuple:
             return tuple([self.create_arg(x) for x in a])

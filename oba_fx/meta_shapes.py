@@ -24,11 +24,15 @@ from typing import Any, Sequence
 import torch
 import torch.fx
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.fx.node import map_aggregate
 
 from . import meta_fast
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+#: functions whose ``meta`` kernels run long decompositions in Python and that repeat with the same
+#: input layouts in every block of a model: their result layout is computed once per layout
+_MEMOIZED = frozenset({F.scaled_dot_product_attention})
 #: torch.nn modules whose eval-mode output on a floating-point tensor is a tensor like it
 _ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
                 nn.Dropout, nn.Identity)
@@ -72,6 +76,7 @@ class _MetaShapes(torch.fx.Interpreter):
         super().__init__(gm)
         self._swapped: list[tuple[dict, str, torch.Tensor]] = []
         self._on_meta: set[int] = set()  # ids of the modules whose tensors are swapped
+        self._layouts: dict[tuple, tuple] = {}  # _MEMOIZED calls: input layouts -> result layout
 
     def _to_meta(self, module: nn.Module) -> None:
         """Swap the parameters and buffers of ``module`` and its submodules for ``meta`` tensors."""
@@ -107,11 +112,34 @@ class _MetaShapes(torch.fx.Interpreter):
             return meta_fast.module_result(m, args[0])
         if n.op == "call_function":
             args, kwargs = self.fetch_args_kwargs_from_env(n)
+            if n.target in _MEMOIZED:
+                return self._memoized(n.target, args, kwargs)
             return meta_fast.function_result(n.target, args, kwargs)
         if n.op == "call_method":
             args, kwargs = self.fetch_args_kwargs_from_env(n)
             return meta_fast.method_result(n.target, args, kwargs)
         return None
+
+    def _memoized(self, target: Any, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """``target(*args, **kwargs)`` for a :data:`_MEMOIZED` function of ``meta`` tensors and plain
+        values: run once per key (each tensor's shape, strides, offset, dtype, ``requires_grad``;
+        every other argument; grad mode), a new empty tensor of the remembered layout after that.
+        ``None`` (run as usual) for arguments it cannot key."""
+        key = _layout_key(target, args, kwargs)
+        if key is None:
+            return None
+        layout = self._layouts.get(key)
+        if layout is None:
+            out = target(*args, **kwargs)
+            if not isinstance(out, torch.Tensor):
+                return out
+            self._layouts[key] = (tuple(out.shape), out.stride(), out.storage_offset(), out.dtype, out.requires_grad)
+            return out
+        shape, stride, offset, dtype, grad = layout
+        out = torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+        if offset:
+            out = out.as_strided(shape, stride, offset)
+        return out.requires_grad_(grad) if grad else out
 
     def _prepare(self, n: torch.fx.Node) -> None:
         """Before ``n`` runs: the tensors it reads from the module tree on ``meta``."""
@@ -143,6 +171,35 @@ class _MetaShapes(torch.fx.Interpreter):
                 n.meta["tensor_meta"] = meta
         n.meta["type"] = type(result)
         return result
+
+
+def _layout_key(target: Any, args: tuple, kwargs: dict) -> tuple | None:
+    """A hashable key of a call on ``meta`` tensors that fixes its result's layout; ``None`` if an
+    argument is neither a ``meta`` tensor nor a plain value.
+
+    Example:
+        >>> q = torch.empty(1, 2, 3, 4, device="meta")
+        >>> _layout_key(F.scaled_dot_product_attention, (q, q, q), {"is_causal": True})[-1]
+        (('is_causal', True),)
+    """
+    def part(a: Any) -> Any:
+        if isinstance(a, torch.Tensor):
+            if a.device.type != "meta" or type(a) not in (torch.Tensor, nn.Parameter):
+                raise _Unkeyable
+            return (tuple(a.shape), a.stride(), a.storage_offset(), a.dtype, a.requires_grad)
+        if a is None or type(a) in (bool, int, float, str):
+            return a
+        raise _Unkeyable
+
+    try:
+        return (target, torch.is_grad_enabled(), tuple(part(a) for a in args),
+                tuple((k, part(v)) for k, v in sorted(kwargs.items())))
+    except _Unkeyable:
+        return None
+
+
+class _Unkeyable(Exception):
+    """An argument :func:`_layout_key` cannot put in a key."""
 
 
 def meta_shapes(gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> None:

@@ -35,6 +35,7 @@ from torch.fx._symbolic_trace import _maybe_revert_all_patches
 from torch.fx.node import map_aggregate
 
 from .tracing import LeafTracer
+from .leaf_tracer import TracerProxy
 
 #: tensor attributes answered with the example value instead of a node
 META_ATTRS = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout", "is_sparse"})
@@ -70,7 +71,7 @@ def n_args(node: torch.fx.Node) -> Iterator[torch.fx.Node]:
     return (a for a in node.all_input_nodes)
 
 
-class ConcreteProxy(torch.fx.Proxy):
+class ConcreteProxy(TracerProxy):
     """A Proxy whose size questions are answered from its node's example value."""
 
     @property

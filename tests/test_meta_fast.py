@@ -230,3 +230,30 @@ def test_mean_result_leaves_other_uses_to_torch():
                          ((x, [2, 3], True), {}), ((x.contiguous(memory_format=torch.channels_last), [1]), {}),
                          ((x, 1, False, torch.float64), {}), ((_meta(0, 3), 1), {})]:
         assert meta_fast.method_result("mean", args, kwargs) is None, (args, kwargs)
+
+
+class _Attentions(nn.Module):
+    """Scaled-dot-product attention four times: twice on the same layout, once on a transposed
+    view, once causal with a different value width."""
+
+    def forward(self, q, k, v, w):
+        a = F.scaled_dot_product_attention(q, k, v)
+        b = F.scaled_dot_product_attention(q, k, v)
+        c = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        d = F.scaled_dot_product_attention(q, k, w, is_causal=True)
+        return a, b, c, d
+
+
+def test_memoized_attention_layouts_equal_the_op_on_meta_for_each_call():
+    from oba_fx.meta_shapes import meta_shapes
+
+    gm = torch.fx.symbolic_trace(_Attentions())
+    inputs = (torch.randn(2, 3, 5, 4, requires_grad=True), torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4),
+              torch.randn(2, 3, 5, 6))
+    meta_shapes(gm, inputs)
+    on_meta = [t.to("meta").requires_grad_(t.requires_grad) for t in inputs]
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    got = [(tm.shape, tm.stride, tm.dtype, tm.requires_grad) for tm in (n.meta["tensor_meta"] for n in out)]
+    want = [(e.shape, e.stride(), e.dtype, e.requires_grad) for e in _Attentions()(*on_meta)]
+    assert got == want
+    assert got[2][1] != got[0][1] and got[3][0][-1] == 6  # the other layouts were not taken from the memo

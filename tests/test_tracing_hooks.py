@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from oba_fx.leaf_tracer import LeafTracer, append_node
+from oba_fx.leaf_tracer import LeafTracer, append_node, is_tensor_method_or_property
 
 Pair = namedtuple("Pair", "a b")
 
@@ -115,3 +115,73 @@ def test_append_node_equals_graph_create_node():
     assert [[u.name for u in n.users] for n in g1.nodes] == [[u.name for u in n.users] for n in g2.nodes]
     assert len(g1.nodes) == len(g2.nodes) == 6
     assert g1.find_nodes(op="call_module", target="layer1.0.conv")[1].name == "layer1_0_conv_1"
+
+
+class TensorMethodsOnProxies(nn.Module):
+    """Calls that reach ``Proxy.__torch_function__``: methods of a real tensor given a Proxy, a
+    torch function, a ``torch.nn.functional`` function."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.const = torch.full((1, 3, 1, 1), 0.5)
+
+    def forward(self, x):
+        y = self.const.add(x)
+        y = torch.Tensor.mul(self.const, y) + F.relu(y)
+        return torch.flatten(y, 1)
+
+
+def test_tensor_methods_and_functions_on_proxies_give_torch_fx_graph():
+    ours, theirs = LeafTracer(), torch.fx.Tracer()
+    g1, g2 = ours.trace(TensorMethodsOnProxies()), theirs.trace(TensorMethodsOnProxies())
+    assert signature(g1) == signature(g2)
+    assert [n.op for n in g1.nodes if n.target in ("add", "mul")] == ["call_method", "call_method"]
+
+
+def test_tensor_method_check_agrees_with_torch_on_every_overridable_function():
+    from torch.overrides import get_overridable_functions, is_tensor_method_or_property as theirs
+
+    funcs = [f for fs in get_overridable_functions().values() for f in fs]
+    assert len(funcs) > 500
+    assert [f for f in funcs if is_tensor_method_or_property(f) != theirs(f)] == []
+
+
+def test_tracing_does_not_build_torchs_table_of_overridable_functions():
+    import subprocess
+    import sys
+    code = ("import torch, torch.overrides as o\n"
+            "from oba_fx.leaf_tracer import LeafTracer\n"
+            "class M(torch.nn.Module):\n"
+            "    def forward(self, x):\n"
+            "        return torch.flatten(x, 1).mean(1)\n"
+            "LeafTracer().trace(M())\n"
+            "print(o._get_tensor_methods.cache_info().currsize)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "0"
+
+
+class SharedTensors(nn.Module):
+    """A parameter shared by two submodules (two names), read directly in both; a buffer read
+    directly; a parameter of the root itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 3)
+        self.b.weight = self.a.weight
+        self.register_buffer("offset", torch.ones(3))
+        self.gain = nn.Parameter(torch.full((3,), 2.0))
+
+    def forward(self, x):
+        y = F.linear(x, self.b.weight) + F.linear(x, self.a.weight, self.a.bias)
+        return y * self.gain + self.offset + self.b.bias
+
+
+@pytest.mark.parametrize("settings", [{}, {"param_shapes_constant": True}, {"proxy_buffer_attributes": False}])
+def test_parameter_and_buffer_reads_give_torch_fx_graph(settings):
+    ours, theirs = LeafTracer(), torch.fx.Tracer()
+    for k, v in settings.items():
+        setattr(ours, k, v)
+        setattr(theirs, k, v)
+    g1, g2 = ours.trace(SharedTensors()), theirs.trace(SharedTensors())
+    assert signature(g1) == signature(g2)
+    assert [n.target for n in g1.nodes if n.op == "get_attr"] == [n.target for n in g2.nodes if n.op == "get_attr"]
