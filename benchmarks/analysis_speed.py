@@ -333,7 +333,7 @@ def zoo_meta(a: argparse.Namespace, tp) -> dict[str, Any]:
     return {"torch": torch.__version__, "torchvision": torchvision.__version__, "threads": a.threads,
             "runs": a.runs, "tp": None if tp is None else getattr(tp, "__version__", "?"),
             "machine": "2-core shared CPU", "date": time.strftime("%Y-%m-%d"), "protocol": a.protocol,
-            "host": machine()}
+            "host": machine(), "cold_clock": a.clock, "cold_repeats": a.cold_repeats}
 
 
 def write_zoo(a: argparse.Namespace, rows: list[dict], tp) -> None:
@@ -357,7 +357,7 @@ def cold_pairs(a: argparse.Namespace, name: str, sides: tuple[str, ...]) -> dict
     row: dict[str, Any] = {}
     for i in range(a.cold_repeats):
         for side in (sides if i % 2 == 0 else sides[::-1]):
-            s, err = Z.cold(side, name, a.threads, __file__)
+            s, err = Z.cold(side, name, a.threads, __file__, a.clock)
             if err:
                 row[f"{side}_cold_error"] = err
             elif s is not None:
@@ -418,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="--zoo --protocol both: time cold only these models (default: all)")
     p.add_argument("--cold-repeats", type=int, default=1, metavar="N",
                    help="--zoo: N cold calls per side and model, alternating which side goes first; median")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="--zoo cold: wall-clock seconds, or the process's CPU seconds over the same call")
     p.add_argument("--first", nargs="+", metavar="NAME", help="--zoo: time these models first")
     p.add_argument("--md", metavar="OUT", help="--zoo: write the ratio table (Markdown) to this file")
     p.add_argument("--child", nargs=2, metavar=("SIDE", "NAME"), help=argparse.SUPPRESS)

@@ -48,21 +48,29 @@ def build(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
     return torchvision.models.get_model(name, weights=None).eval(), torch.randn(1, 3, SIZE, SIZE)
 
 
-def ours_call(model: torch.nn.Module, x: torch.Tensor) -> float:
+def ours_call(model: torch.nn.Module, x: torch.Tensor, cpu: list | None = None) -> float:
+    """Seconds of one ``analyze_model`` call (wall clock); its process CPU seconds appended to ``cpu``."""
     from oba_fx.passes.pipeline import analyze_model
 
     gc.collect()
-    t = time.perf_counter()
+    c, t = time.process_time(), time.perf_counter()
     analyze_model(model, (x,), share_weights=True)
-    return time.perf_counter() - t
+    wall = time.perf_counter() - t
+    if cpu is not None:
+        cpu.append(time.process_time() - c)
+    return wall
 
 
-def theirs_call(tp, model: torch.nn.Module, x: torch.Tensor) -> float:
+def theirs_call(tp, model: torch.nn.Module, x: torch.Tensor, cpu: list | None = None) -> float:
+    """Seconds of one ``build_dependency`` call on a fresh copy (wall clock); CPU seconds to ``cpu``."""
     m = copy.deepcopy(model)
     gc.collect()
-    t = time.perf_counter()
+    c, t = time.process_time(), time.perf_counter()
     tp.DependencyGraph().build_dependency(m, example_inputs=x)
-    return time.perf_counter() - t
+    wall = time.perf_counter() - t
+    if cpu is not None:
+        cpu.append(time.process_time() - c)
+    return wall
 
 
 def _short(e: BaseException) -> str:
@@ -101,21 +109,24 @@ def child(side: str, name: str, threads: int) -> None:
         import oba_fx.passes.pipeline  # noqa: F401 - imported before the clock, as torch_pruning
     model, x = build(name)
     try:
-        s = theirs_call(tp, model, x) if side == "tp" else ours_call(model, x)
-        print(json.dumps({"s": s}))
+        cpu: list = []
+        s = theirs_call(tp, model, x, cpu) if side == "tp" else ours_call(model, x, cpu)
+        print(json.dumps({"s": s, "cpu": cpu[0]}))
     except Exception as e:  # noqa: BLE001
         print(json.dumps({"error": _short(e)}))
 
 
-def cold(side: str, name: str, threads: int, script: str) -> tuple[float | None, str | None]:
-    """First call of ``side`` on ``name`` in a fresh process."""
+def cold(side: str, name: str, threads: int, script: str, clock: str = "wall") -> tuple[float | None, str | None]:
+    """First call of ``side`` on ``name`` in a fresh process: wall-clock seconds, or with
+    ``clock="cpu"`` the process's CPU seconds over the same call (less disturbed by other jobs on
+    a shared machine)."""
     p = subprocess.run([sys.executable, script, "--child", side, name, "--threads", str(threads)],
                        capture_output=True, text=True, timeout=900)
     lines = [l for l in p.stdout.splitlines() if l.startswith("{")]
     if p.returncode or not lines:
         return None, (p.stderr.strip().splitlines() or ["no output"])[-1][:200]
     r = json.loads(lines[-1])
-    return r.get("s"), r.get("error")
+    return r.get("cpu" if clock == "cpu" else "s"), r.get("error")
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -128,7 +139,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
     out = [f"Analysis time, ours (`analyze_model`) vs Torch-Pruning {meta['tp']} (`build_dependency`), "
            f"torch {meta['torch']}, {meta['threads']} thread(s), input 1x3x{SIZE}x{SIZE}, {meta['machine']}, "
            f"{meta['date']}; {len(rows)} of the {len(zoo())} torchvision classification models. warm: median of {meta['runs']} alternating calls after one warm-up each; "
-           "cold: first call in a fresh process. x = ours / theirs (below 1: ours faster).", "",
+           f"cold: first call in a fresh process ({meta.get('cold_clock', 'wall')} clock, median of "
+           f"{meta.get('cold_repeats', 1)} alternating pair(s)). x = ours / theirs (below 1: ours faster).", "",
            "| model | ours warm | TP warm | x warm | ours cold | TP cold | x cold |",
            "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
