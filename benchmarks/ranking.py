@@ -37,7 +37,10 @@ from oba_fx.models import get_model
 WEIGHTS = {"resnet20": "resnet20-12fca82f.th", "resnet56": "resnet56-4bfd9763.th"}
 #: spec -> (criterion, extra prune_graph keywords)
 SPECS = {"l1": ("l1", {}), "taylor": ("taylor", {}), "oba": ("oba", {}), "oba-full": ("oba", {"hessian": "full"}),
-         "obs": ("obs", {}), "random": ("random", {})}
+         "obs": ("obs", {}), "random": ("random", {}),
+         # the same criteria under another cross-group ranking (``prune_graph(ranking=...)``)
+         "obs-gm": ("obs", {"ranking": "group_max"}), "obs-pf": ("obs", {"ranking": "per_flop"}),
+         "oba-pf": ("oba", {"ranking": "per_flop"}), "l1-pf": ("l1", {"ranking": "per_flop"})}
 
 
 def calibration(x: torch.Tensor, y: torch.Tensor, n: int, seed: int, batch: int = 64) -> list:
@@ -154,12 +157,13 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=["resnet56", "resnet20"], choices=sorted(WEIGHTS))
     p.add_argument("--ratios", type=float, nargs="+", default=[0.7, 0.5, 0.35])
     p.add_argument("--criteria", nargs="+", default=["l1", "taylor", "oba", "oba-full", "obs"], choices=sorted(SPECS))
-    p.add_argument("--uncompensated", nargs="+", default=["l1", "oba"], choices=sorted(SPECS))
+    p.add_argument("--uncompensated", nargs="*", default=["l1", "oba"], choices=sorted(SPECS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--calib", type=int, default=512)
     p.add_argument("--jpeg", type=int, default=2000)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--name", default="ranking", help="files <out>/<name>.json, .md, .png")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     root = data_dir(a.data)
@@ -184,9 +188,9 @@ def main() -> None:
                         row.update(run_cell(model, spec, ratio, calib, tests, comp))
                         res["rows"].append(row)
                         print(json.dumps(row), flush=True)
-                        (out / "ranking.json").write_text(json.dumps(res, indent=1))
-    (out / "ranking.md").write_text(markdown(res))
-    plot(res, out / "ranking.png")
+                        (out / f"{a.name}.json").write_text(json.dumps(res, indent=1))
+    (out / f"{a.name}.md").write_text(markdown(res))
+    plot(res, out / f"{a.name}.png")
 
 
 if __name__ == "__main__":
