@@ -730,7 +730,8 @@ def main(argv=None) -> int:
                 slim = prune_graph(dense, ex, criterion=crit, target_flops=r, data=calib,
                                    max_batches=args.calib_batches, hessian=hess, steps=1,
                                    bn_recalibration=False, seed=args.seed, verbose=False,
-                                   compensate=comp, keep_residual=False)  # this benchmark's protocol
+                                   compensate=comp, keep_residual=False,  # this benchmark's protocol
+                                   ranking="group_max")  # as first measured (oba's default is per_flop now)
                 row["prune_s"] = time.perf_counter() - t
                 meta = slim.meta["oba"]
                 row.update(flops_before=meta["flops_before"], flops_after=meta["flops_after"],

@@ -80,7 +80,7 @@ def test_obs_needs_the_coupling_and_says_how_to_get_it():
         score(_mlp(), _data(), criterion="obs", progress=False)
 
 
-def test_obs_ranks_globally_and_prunes_a_cnn_to_target_verified():
+def test_obs_ranks_per_group_by_default_and_prunes_a_cnn_to_target_verified():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                         nn.Conv2d(8, 8, 3, padding=1, groups=4), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2),
@@ -90,7 +90,7 @@ def test_obs_ranks_globally_and_prunes_a_cnn_to_target_verified():
                              verbose=False)
     r = out.meta["oba"]
     assert r["flops_after"] <= 0.6 * r["flops_before"] and r["max_rel_error"] < 1e-4
-    assert r["target"]["ranking"] == "global"
+    assert r["target"]["ranking"] == "group_max"
     gm = analyze_model(net, (torch.randn(1, 3, 12, 12),))
     costs = score(gm, data, criterion="obs", progress=False)
     assert {k for k in costs} == {("0.weight", 1), ("3.weight", 0), ("5.weight", 1), ("9.weight", 1)}
