@@ -44,7 +44,9 @@ SPECS = {"l1": ("l1", {}), "taylor": ("taylor", {}), "oba": ("oba", {"ranking": 
          "obs": ("obs", {"ranking": "global"}), "random": ("random", {}),
          # the same criteria under another cross-group ranking (``prune_graph(ranking=...)``)
          "obs-gm": ("obs", {"ranking": "group_max"}), "obs-pf": ("obs", {"ranking": "per_flop"}),
-         "oba-pf": ("oba", {"ranking": "per_flop"}), "l1-pf": ("l1", {"ranking": "per_flop"})}
+         "oba-pf": ("oba", {"ranking": "per_flop"}), "l1-pf": ("l1", {"ranking": "per_flop"}),
+         "oba-full-pf": ("oba", {"hessian": "full", "ranking": "per_flop"}),
+         "taylor-pf": ("taylor", {"ranking": "per_flop"})}
 
 
 def calibration(x: torch.Tensor, y: torch.Tensor, n: int, seed: int, batch: int = 64) -> list:
