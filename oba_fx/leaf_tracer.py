@@ -227,6 +227,10 @@ class LeafTracer(torch.fx.Tracer):
             scope.module_path, scope.module_type = prev
         return out
 
+    def trace(self, root: Any, concrete_args: dict | None = None) -> torch.fx.Graph:
+        self._tensor_index = None  # built afresh at the first tensor read of each trace
+        return super().trace(root, concrete_args)
+
     def proxy(self, node: torch.fx.Node) -> TracerProxy:
         return TracerProxy(node, self)
 
@@ -253,7 +257,7 @@ class LeafTracer(torch.fx.Tracer):
         when the index built at the first read of this trace does not know it (or it moved)."""
         root = self.root
         index = self._tensor_index
-        if index is None or index[0] is not root:
+        if index is None or index[0] is not root:  # the first read of this trace
             params: dict[int, tuple[str, torch.Tensor]] = {}
             for n, p in root.named_parameters():
                 params.setdefault(id(p), (n, p))
