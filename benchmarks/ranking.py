@@ -36,10 +36,10 @@ from oba_fx.models import get_model
 
 WEIGHTS = {"resnet20": "resnet20-12fca82f.th", "resnet56": "resnet56-4bfd9763.th"}
 #: spec -> (criterion, extra prune_graph keywords)
-#: ``oba``, ``oba-full`` and ``obs`` pin the rankings they were first measured with (the defaults
-#: then: ``results/ranking.json``, ``results/finetuned*.json``); the library's defaults now are
-#: ``oba-pf`` and ``obs-gm``
-SPECS = {"l1": ("l1", {}), "taylor": ("taylor", {}), "oba": ("oba", {"ranking": "group_max"}),
+#: ``taylor``, ``oba``, ``oba-full`` and ``obs`` pin the rankings they were first measured with (the
+#: defaults then: ``results/ranking.json``, ``results/finetuned*.json``); the library's defaults now
+#: are ``taylor-pf``, ``oba-pf``, ``oba-full-pf`` and ``obs-gm``
+SPECS = {"l1": ("l1", {}), "taylor": ("taylor", {"ranking": "group_max"}), "oba": ("oba", {"ranking": "group_max"}),
          "oba-full": ("oba", {"hessian": "full", "ranking": "group_max"}),
          "obs": ("obs", {"ranking": "global"}), "random": ("random", {}),
          # the same criteria under another cross-group ranking (``prune_graph(ranking=...)``)

@@ -132,8 +132,8 @@ def prune_graph(model: nn.Module, example_inputs: Any, *, criterion: str = "l1",
             ``"global"`` (as they are), or ``"curvature"`` (each layer's removal fraction from its
             share of the scores, flat layers losing more: CAMP-HiVe's adaptive thresholds,
             :func:`oba_fx.select.curvature_keys`); ``None``: the criterion's own (``"per_flop"`` for
-            ``"oba"``, measured better than the paper's ``"group_max"`` by ``benchmarks/ranking.py``),
-            else ``"group_max"``.
+            ``"oba"`` and ``"taylor"``, measured better than the paper's ``"group_max"`` by
+            ``benchmarks/ranking.py``), else ``"group_max"``.
         keep_residual: never remove channels that several layers write and add up (a residual
             stream: :func:`oba_fx.select.summed_units`); only the channels inside residual
             blocks go. ``None`` (default): on, unless ``embed_width`` asks for the residual width.

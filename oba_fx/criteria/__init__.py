@@ -185,12 +185,13 @@ register_criterion("l1", f"{_MAG}:l1", needs_data=False, description="|θ| (magn
 register_criterion("l2", f"{_MAG}:l2", needs_data=False, description="θ² (magnitude)")
 register_criterion("random", f"{_MAG}:random", needs_data=False, description="seeded uniform noise (baseline)")
 # Default rankings measured by benchmarks/ranking.py (pretrained ResNet-56/20 one-shot with compensation,
-# retained FLOPs 0.7/0.5/0.35, 3 calibration seeds): OBA's loss change per FLOP beat the OBA paper's
-# group_max rule in every cell (+0.7 to +7.1 points), and OBS's loss change normalised per coupling group
-# beat comparing it globally in every cell (+1.4 to +9.9 points). See the README.
+# retained FLOPs 0.7/0.5/0.35, 3 calibration seeds): OBA's and Taylor's loss change per FLOP beat the OBA
+# paper's group_max rule in every cell (OBA +0.7 to +7.1 points), and OBS's loss change normalised per
+# coupling group beat comparing it globally in every cell (+1.4 to +9.9 points). See the README.
 register_criterion("oba", f"{_SO}:oba", needs_data=True, needs_hvp=True, ranking="per_flop",
                    description="θ ⊙ (Hθ), exact (Optimal Brain Apoptosis); hessian='functional' or 'full'")
-register_criterion("taylor", f"{_SO}:taylor", needs_data=True, description="θ ⊙ g (first-order Taylor)")
+register_criterion("taylor", f"{_SO}:taylor", needs_data=True, ranking="per_flop",
+                   description="θ ⊙ g (first-order Taylor)")
 register_criterion("obd_fisher", f"{_SO}:obd_fisher", needs_data=True,
                    description="θ² ⊙ diag(empirical Fisher) (OBD)")
 register_criterion("obd_hutchinson", f"{_SO}:obd_hutchinson", needs_data=True, needs_hvp=True,
