@@ -52,21 +52,20 @@ def ours_call(model: torch.nn.Module, x: torch.Tensor, cpu: list | None = None) 
     """Seconds of one ``analyze_model`` call (wall clock); its process CPU seconds appended to ``cpu``."""
     from oba_fx.passes.pipeline import analyze_model
 
-    gc.collect()
-    c, t = time.process_time(), time.perf_counter()
-    analyze_model(model, (x,), share_weights=True)
-    wall = time.perf_counter() - t
-    if cpu is not None:
-        cpu.append(time.process_time() - c)
-    return wall
+    return _timed(lambda: analyze_model(model, (x,), share_weights=True), cpu)
 
 
 def theirs_call(tp, model: torch.nn.Module, x: torch.Tensor, cpu: list | None = None) -> float:
     """Seconds of one ``build_dependency`` call on a fresh copy (wall clock); CPU seconds to ``cpu``."""
     m = copy.deepcopy(model)
+    return _timed(lambda: tp.DependencyGraph().build_dependency(m, example_inputs=x), cpu)
+
+
+def _timed(call, cpu: list | None) -> float:
+    """Wall seconds of ``call()`` after a garbage collection; its process CPU seconds appended to ``cpu``."""
     gc.collect()
     c, t = time.process_time(), time.perf_counter()
-    tp.DependencyGraph().build_dependency(m, example_inputs=x)
+    call()
     wall = time.perf_counter() - t
     if cpu is not None:
         cpu.append(time.process_time() - c)
