@@ -8,7 +8,8 @@ flip), distilled from the dense model (``oba_fx.finetune.finetune(teacher=dense)
 
 * **structured** (``oba_fx.prune_graph`` with the library defaults: residual streams kept,
   least-squares compensation on ``--calib`` training images) at each ``--ratios`` retained FLOPs,
-  for each ``--criteria`` (``l1``, ``taylor``, ``oba``, ``oba-full``, ``obs``, ``camp``);
+  for each ``--criteria`` (``l1``, ``taylor``, ``oba``, ``oba-full``, ``obs``, ``camp``, and
+  ``camp+merge``: channels merged into their most similar kept partner instead of the re-fit);
 * **unstructured** (``oba_fx.prune_unstructured``, conv + linear weights, masks that hold through
   the optimizer) at each ``--sparsities`` for each ``--unstructured`` row: magnitude (global),
   taylor (global), oba (global), camp (adaptive thresholds), camp (adaptive) + cyclic pair merging;
@@ -48,7 +49,10 @@ from ranking import SPECS, WEIGHTS, calibration  # noqa: E402
 
 log = logging.getLogger("finetuned")
 HERE = Path(__file__).resolve().parent
-STRUCTURED = {**SPECS, "camp": ("camp", {})}
+#: structured row -> (criterion, prune_graph keywords); camp+merge is the paper's cheap compensation
+#: alone (each removed channel merged into its most similar kept one, no least-squares re-fit)
+STRUCTURED = {**SPECS, "camp": ("camp", {}),
+              "camp+merge": ("camp", {"merge": "similar", "compensate": False})}
 #: unstructured row -> prune_unstructured keywords
 UNSTRUCTURED = {"magnitude": dict(criterion="l1", scope="global"),
                 "taylor": dict(criterion="taylor", scope="global"),

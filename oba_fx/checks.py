@@ -65,10 +65,9 @@ itself (an nn.Module instance, e.g. torchvision.models.resnet18())
     if not isinstance(model, nn.Module):
         raise BadTypeError(f"{who} expects a torch.nn.Module, got {type(model).__name__}; pass the network itself "
                            "(an nn.Module instance, e.g. torchvision.models.resnet18())")
-    modules = list(model.named_modules())  # one walk for both loops
-    if any(t is not None and t.is_meta for _, m in modules for table in (m._parameters, m._buffers)
+    if any(t is not None and t.is_meta for m in model.modules() for table in (m._parameters, m._buffers)
            for t in table.values()):
-        _raise_on_meta(modules, who)
+        _raise_on_meta(list(model.named_modules()), who)
     if finite:
         check_finite_model(model)
 

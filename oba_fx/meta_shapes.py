@@ -73,10 +73,24 @@ class _MetaShapes(torch.fx.Interpreter):
     """
 
     def __init__(self, gm: torch.fx.GraphModule) -> None:
-        super().__init__(gm)
+        super().__init__(gm, garbage_collect_values=False)  # see run()
         self._swapped: list[tuple[dict, str, torch.Tensor]] = []
         self._on_meta: set[int] = set()  # ids of the modules whose tensors are swapped
         self._layouts: dict[tuple, tuple] = {}  # _MEMOIZED calls: input layouts -> result layout
+
+    def run(self, *args: Any) -> Any:
+        """``Interpreter.run`` without its progress bar and without freeing values as it goes:
+        a disabled ``tqdm`` still starts a monitor thread and a multiprocessing lock the first
+        time one is made in a process (about 1.5 ms, most of a small model's shape propagation
+        on a first call), and ``meta`` values cost no memory. Errors propagate as raised (the
+        caller falls back to fake tensors)."""
+        self.env = {}
+        self.args_iter = iter(self.graph.process_inputs(*args))
+        for node in self.graph.nodes:
+            self.env[node] = value = self.run_node(node)
+            if node.op == "output":
+                return self.graph.process_outputs(value)
+        return None
 
     def _to_meta(self, module: nn.Module) -> None:
         """Swap the parameters and buffers of ``module`` and its submodules for ``meta`` tensors."""

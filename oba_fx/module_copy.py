@@ -16,6 +16,10 @@ Example:
     >>> c = deepcopy_modules(m, dict(shared))
     >>> c is m, c[0] is m[0], c[0].weight is m[0].weight, c._modules is m._modules
     (False, False, True, False)
+
+:func:`module_tree_copy` is the cheaper copy for an analysis that only reads the result: new
+module objects with their own tables, every value in them shared; :func:`install_targets` builds
+what ``torch.fx.GraphModule(root, graph)`` copies from its root, faster.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import types
 from collections import OrderedDict
 from typing import Any
 
+import torch
+import torch.fx
 import torch.nn as nn
 
 #: values ``copy.deepcopy`` returns as they are
@@ -97,4 +103,106 @@ def _copy_dict(d: dict, memo: dict[int, Any]) -> dict:
             new[k] = memo[id(v)] = kind()
         else:
             new[k] = deepcopy_modules(v, memo)
+    return new
+
+
+def module_tree_copy(model: nn.Module, memo: dict[int, Any] | None = None) -> nn.Module:
+    """A copy of the module tree whose modules are new objects with their own attribute
+    dictionary and their own parameter, buffer and submodule tables, and which shares everything
+    else with ``model``: the tensors themselves, hooks, plain attributes. Changing a copy's mode
+    (``train()``), swapping one of its parameters for another tensor or replacing one of its
+    submodules leaves ``model`` as it was; writing into a shared tensor or a shared container
+    does not. For an analysis that reads the graph and never writes a weight (the trace behind
+    ``oba_fx.explain``); about four times faster than :func:`deepcopy_modules` on torchvision
+    models. A module of a class with its own copying or pickling protocol (or ``__slots__``) is
+    copied by :func:`deepcopy_modules` with the model's tensors shared.
+
+    Example:
+        >>> import torch.nn as nn
+        >>> m = nn.Sequential(nn.Linear(2, 3), nn.ReLU())
+        >>> c = module_tree_copy(m)
+        >>> c[0] is m[0], c[0].weight is m[0].weight, c[0]._parameters is m[0]._parameters
+        (False, True, False)
+        >>> c.train(False).training, m.training
+        (False, True)
+    """
+    memo = {} if memo is None else memo
+    hit = memo.get(id(model))
+    if hit is not None:
+        return hit
+    cls = type(model)
+    if not _plain_module_class(cls):
+        shared = {id(t): t for sub in model.modules() for table in (sub._parameters, sub._buffers)
+                  for t in table.values() if t is not None}
+        new = memo[id(model)] = deepcopy_modules(model, shared)
+        return new
+    new = cls.__new__(cls)
+    memo[id(model)] = new
+    state = dict(model.__dict__)
+    state["_parameters"] = type(model._parameters)(model._parameters)
+    state["_buffers"] = type(model._buffers)(model._buffers)
+    state["_modules"] = type(model._modules)(
+        (k, None if v is None else module_tree_copy(v, memo)) for k, v in model._modules.items())
+    new.__dict__.update(state)
+    return new
+
+
+def install_targets(gm: torch.fx.GraphModule, root: nn.Module, graph: torch.fx.Graph) -> None:
+    """Put into ``gm`` what ``torch.fx.GraphModule(root, graph)`` copies from ``root``: each
+    ``call_module`` and ``get_attr`` target at its qualified name, with new empty ``nn.Module``
+    containers on the way (built from a template's attribute dictionary: ``nn.Module()`` costs
+    about 50 µs each, most of building a GraphModule of a torchvision model), a tensor that is
+    not a parameter as a buffer (persistent as in ``root``).
+
+    Example:
+        >>> import torch.nn as nn
+        >>> m = nn.Sequential(nn.Sequential(nn.Linear(2, 2)), nn.ReLU())
+        >>> g = torch.fx.symbolic_trace(m).graph
+        >>> gm = torch.fx.GraphModule(nn.Module(), torch.fx.Graph())
+        >>> install_targets(gm, m, g)
+        >>> [n for n, _ in gm.named_modules()], gm.get_submodule("0.0") is m[0][0]
+        (['', '0', '0.0', '1'], True)
+    """
+    for node in graph.nodes:
+        if node.op not in ("get_attr", "call_module"):
+            continue
+        *prefix, field = node.target.split(".")
+        src, dst = root, gm
+        for item in prefix:
+            src = getattr(src, item)
+            nxt = dst._modules.get(item)
+            if nxt is src:  # a parent already installed whole
+                break
+            if nxt is None:
+                nxt = _empty_module()
+                if item in dst.__dict__:  # torch's own rule for a name taken by a plain attribute
+                    setattr(dst, item, nxt)
+                else:
+                    dst._modules[item] = nxt
+            dst = nxt
+        else:
+            value = getattr(src, field)
+            if isinstance(value, nn.Module) and field not in dst.__dict__:
+                dst._modules[field] = value
+            elif isinstance(value, nn.Module):
+                setattr(dst, field, value)
+            elif isinstance(value, nn.Parameter):
+                dst._parameters[field] = value
+            elif isinstance(value, torch.Tensor):
+                dst.register_buffer(field, value, persistent=field not in src._non_persistent_buffers_set)
+            else:
+                setattr(dst, field, value)
+
+
+_TEMPLATE: list[nn.Module] = []
+
+
+def _empty_module() -> nn.Module:
+    """A new ``nn.Module()`` without running ``nn.Module.__init__``: the attribute dictionary of
+    a template, with new empty tables."""
+    if not _TEMPLATE:
+        _TEMPLATE.append(nn.Module())
+    new = nn.Module.__new__(nn.Module)
+    new.__dict__.update({k: (type(v)() if isinstance(v, (dict, set, list)) else v)
+                         for k, v in _TEMPLATE[0].__dict__.items()})
     return new

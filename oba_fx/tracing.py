@@ -29,7 +29,7 @@ from .errors import BadInputError, TraceError
 from .leaf_tracer import LeafTracer
 from .meta import SPECIALISED
 from .meta_shapes import meta_shapes as _meta_shapes
-from .module_copy import deepcopy_modules
+from .module_copy import deepcopy_modules, install_targets, module_tree_copy
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,8 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[type | str] = (),
     records (input shapes, and why symbolic tracing failed).
 
     With ``share_weights`` the copy's modules are new but its parameters and buffers are the
-    model's own tensors (no copy of the weights): only for an analysis that reads the graph and
+    model's own tensors (no copy of the weights; :func:`oba_fx.module_copy.module_tree_copy`
+    shares the modules' other attributes too): only for an analysis that reads the graph and
     never writes a weight (``oba_fx.explain``, ``oba_fx.hessian_structure``); the GraphModule then
     writes its ``forward`` code on first use (:func:`graph_module`).
 
@@ -76,8 +77,12 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[type | str] = (),
             shape-aware attempt (control flow on the data, naming the op).
     """
     check_model(model, "torch.fx tracing", finite=False)
-    shared = _tensors_by_id(model) if share_weights else {}
-    root = deepcopy_modules(model, dict(shared))
+    shared = {}
+    if share_weights and not isinstance(model, torch.fx.GraphModule):
+        root = module_tree_copy(model)
+    else:
+        shared = _tensors_by_id(model) if share_weights else {}
+        root = deepcopy_modules(model, dict(shared))
     if isinstance(root, torch.fx.GraphModule):
         gm = torch.fx.GraphModule(root, copy.deepcopy(root.graph))
         specialised = root.meta.get(SPECIALISED)
@@ -96,8 +101,8 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[type | str] = (),
 
     shape_tracer = ShapeTracer(as_tuple(example_inputs), leaf_modules)
     try:
-        gm = _trace_with(shape_tracer, deepcopy_modules(model, dict(shared)), model, concrete_args, lower_attention,
-                         share_weights)
+        again = module_tree_copy(model) if share_weights else deepcopy_modules(model, dict(shared))
+        gm = _trace_with(shape_tracer, again, model, concrete_args, lower_attention, share_weights)
     except TraceError as e:
         raise TraceError(e.where, f"{e.why} (tracing again with the example input shapes did not help; "
                          f"plain symbolic tracing said: {first.why})", e.line) from e
@@ -149,7 +154,14 @@ def graph_module(root: nn.Module, graph: torch.fx.Graph, name: str, lazy: bool) 
         except ImportError:  # an older torch: built eagerly
             pass
         else:
-            return _LazyGraphModule(root, graph, name)
+            gm = _LazyGraphModule(root, torch.fx.Graph(), name)
+            install_targets(gm, root, graph)  # what GraphModule(root, graph) copies, faster
+            gm.graph = graph
+            if graph._tracer_cls and "<locals>" not in graph._tracer_cls.__qualname__:
+                gm._tracer_cls = graph._tracer_cls  # as GraphModule.__init__ records them
+            if graph._tracer_extras:
+                gm._tracer_extras = graph._tracer_extras
+            return gm
     return torch.fx.GraphModule(root, graph, name)
 
 
