@@ -132,9 +132,7 @@ def module_tree_copy(model: nn.Module, memo: dict[int, Any] | None = None) -> nn
         return hit
     cls = type(model)
     if not _plain_module_class(cls):
-        shared = {id(t): t for sub in model.modules() for table in (sub._parameters, sub._buffers)
-                  for t in table.values() if t is not None}
-        new = memo[id(model)] = deepcopy_modules(model, shared)
+        new = memo[id(model)] = deepcopy_modules(model, tensors_by_id(model))
         return new
     new = cls.__new__(cls)
     memo[id(model)] = new
@@ -206,3 +204,10 @@ def _empty_module() -> nn.Module:
     new.__dict__.update({k: (type(v)() if isinstance(v, (dict, set, list)) else v)
                          for k, v in _TEMPLATE[0].__dict__.items()})
     return new
+
+
+def tensors_by_id(model: nn.Module) -> dict[int, torch.Tensor]:
+    """Every parameter and buffer of ``model`` by ``id`` (those of ``model.parameters()`` and
+    ``model.buffers()``, in one walk over the modules): the memo of a copy that shares them."""
+    return {id(t): t for m in model.modules() for table in (m._parameters, m._buffers)
+            for t in table.values() if t is not None}

@@ -29,7 +29,7 @@ from .errors import BadInputError, TraceError
 from .leaf_tracer import LeafTracer
 from .meta import SPECIALISED
 from .meta_shapes import meta_shapes as _meta_shapes
-from .module_copy import deepcopy_modules, install_targets, module_tree_copy
+from .module_copy import deepcopy_modules, install_targets, module_tree_copy, tensors_by_id
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[type | str] = (),
     if share_weights and not isinstance(model, torch.fx.GraphModule):
         root = module_tree_copy(model)
     else:
-        shared = _tensors_by_id(model) if share_weights else {}
+        shared = tensors_by_id(model) if share_weights else {}
         root = deepcopy_modules(model, dict(shared))
     if isinstance(root, torch.fx.GraphModule):
         gm = torch.fx.GraphModule(root, copy.deepcopy(root.graph))
@@ -111,13 +111,6 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[type | str] = (),
                 "model expects inputs of these shapes", type(model).__name__,
                 gm.meta[SPECIALISED]["input_shapes"], first.line or first.where)
     return gm
-
-
-def _tensors_by_id(model: nn.Module) -> dict[int, torch.Tensor]:
-    """Every parameter and buffer of ``model`` by ``id`` (those of ``model.parameters()`` and
-    ``model.buffers()``, in one walk over the modules)."""
-    return {id(t): t for m in model.modules() for table in (m._parameters, m._buffers)
-            for t in table.values() if t is not None}
 
 
 def _trace_with(tracer: torch.fx.Tracer, root: nn.Module, model: nn.Module, concrete_args: dict | None,
