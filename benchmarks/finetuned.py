@@ -85,6 +85,51 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+class PowerIterationMemo:
+    """Power iteration computed once per distinct input and shared by the rows of one run.
+
+    ``camp`` and ``camp+merge`` at every level start from the same dense weights, calibration
+    batches and options, so their power iterations are the same computation (ResNet-56: about 16
+    CPU minutes each). The key fingerprints all of it — the spanned parameters' values, the masks,
+    the batches' values and every option but ``progress`` — so any different input recomputes.
+    Rows that reused a result say so (``power_iteration_reused``; their ``seconds_prune`` omits it).
+    """
+
+    def __init__(self, fn):
+        self.fn, self.cache, self.hits = fn, {}, 0
+
+    @staticmethod
+    def _fingerprint(t: torch.Tensor) -> tuple:
+        t = t.detach().double()
+        return tuple(t.shape), float(t.sum()), float(t.square().sum())
+
+    def key(self, model, data, kw: dict) -> tuple:
+        names = kw.get("param_names") or [n for n, p in model.named_parameters() if p.requires_grad]
+        params = dict(model.named_parameters())
+        masks = kw.get("masks") or {}
+        opts = tuple(sorted((k, repr(v)) for k, v in kw.items() if k not in ("progress", "masks", "param_names")))
+        return (model.training, tuple((n, self._fingerprint(params[n])) for n in names),
+                tuple((n, self._fingerprint(m)) for n, m in sorted(masks.items())),
+                tuple((self._fingerprint(x), self._fingerprint(y)) for x, y in data), opts)
+
+    def __call__(self, model, data, **kw):
+        data = list(data)
+        key = self.key(model, data, kw)
+        if key not in self.cache:
+            self.cache[key] = self.fn(model, data, **kw)
+        else:
+            self.hits += 1
+        return self.cache[key]
+
+    def install(self) -> "PowerIterationMemo":
+        """Route the two library callers of ``power_iteration`` (structured and unstructured camp) here."""
+        import oba_fx.criteria.camp as camp_mod
+        import oba_fx.unstructured as unstructured_mod
+
+        camp_mod.power_iteration = unstructured_mod.power_iteration = self
+        return self
+
+
 def accuracies(model: torch.nn.Module, tests: dict) -> dict[str, float]:
     from oba_fx.evaluate import evaluate
 
@@ -228,10 +273,16 @@ def main(argv=None) -> int:
         result["earlier_runs"] = before.get("earlier_runs", []) + [
             {k: before[k] for k in ("date", "command", "machine", "settings")}]
     done = {(r["kind"], r["spec"], r["level"]) for r in result["rows"]}
+    from oba_fx.hessian_eigen import power_iteration
+
+    memo = PowerIterationMemo(power_iteration).install()
     for kind, spec, level in rows_to_run(args):
         if (kind, spec, level) in done:
             continue
+        hits = memo.hits
         model, row = prune_row(dense, kind, spec, level, calib)
+        if memo.hits > hits:
+            row["power_iteration_reused"] = True
         row.update(kind=kind, spec=spec, level=level, oneshot=accuracies(model, tests))
         row.update(finetune_row(model, dense, args, ddir))
         row["tuned"] = accuracies(model.eval(), tests)
