@@ -216,7 +216,7 @@ def write_plot(result: dict, path: Path) -> None:
     kinds = [k for k in ("structured", "unstructured") if any(r["kind"] == k for r in rows)]
     if not kinds:
         return
-    fig, axes = plt.subplots(1, len(kinds), figsize=(7 * len(kinds), 4.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(kinds), figsize=(7 * len(kinds), 5.2), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
         sel = sorted((r for r in rows if r["kind"] == kind), key=lambda r: (-r["level"] if kind == "structured"
                                                                           else r["level"], r["spec"]))
@@ -226,7 +226,8 @@ def write_plot(result: dict, path: Path) -> None:
         if dense is not None:
             ax.axhline(100 * dense["oneshot"]["exact1k"], color="k", ls="--", lw=1, label="dense")
             ax.axhline(100 * dense["tuned"]["exact1k"], color="gray", ls=":", lw=1.2, label="dense + same epoch")
-        ax.set_xticks(list(xs), [f"{r['spec']}\n{r['level']}" for r in sel], fontsize=7)
+        ax.set_xticks(list(xs), [f"{r['spec']} {r['level']}" for r in sel], fontsize=7, rotation=55, ha="right",
+                      rotation_mode="anchor")
         ax.set_title(f"{kind} ({'retained FLOPs' if kind == 'structured' else 'sparsity'})")
         ax.set_ylabel("top-1 on exact 1k test images (%)")
         ax.set_ylim(0, 100)
