@@ -28,3 +28,17 @@ def machine() -> dict[str, Any]:
             "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
             "loadavg_at_start": load}
 
+
+
+def compare(mean_a: float, spread_a: float, mean_b: float, spread_b: float) -> str:
+    """``"beats"`` / ``"loses"`` when A's mean differs from B's by more than the sum of the two
+    half-spreads (spread = max − min over seeds), else ``"within spread"``: the one rule every
+    benchmark uses for "A beats B beyond the spread".
+
+    Example:
+        >>> compare(0.92, 0.01, 0.90, 0.02), compare(0.92, 0.02, 0.90, 0.03), compare(0.85, 0.0, 0.90, 0.0)
+        ('beats', 'within spread', 'loses')
+    """
+    noise = (spread_a + spread_b) / 2
+    diff = mean_a - mean_b
+    return "beats" if diff > noise else "loses" if -diff > noise else "within spread"

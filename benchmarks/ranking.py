@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 import oba_fx
+from _common import compare
 from oba_fx.data import cifar10_loader, data_dir, load_cifar10_npz
 from oba_fx.evaluate import evaluate
 from oba_fx.models import get_model
@@ -127,7 +128,8 @@ def markdown(res: dict) -> str:
                     continue
                 d = v["exact1k"][0] - base["exact1k"][0]
                 noise = (v["exact1k"][1] + base["exact1k"][1]) / 2
-                verdict = "beats" if d > noise else "loses to" if -d > noise else "ties with"
+                verdict = {"beats": "beats", "loses": "loses to", "within spread": "ties with"}[
+                    compare(v["exact1k"][0], v["exact1k"][1], base["exact1k"][0], base["exact1k"][1])]
                 L.append(f"- {model}, r = {r}: {spec} {verdict} l1 (both compensated): {100 * d:+.1f} points "
                          f"(noise {100 * noise:.1f})")
         L.append("")
