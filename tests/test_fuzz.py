@@ -1,18 +1,14 @@
 """A seeded slice of ``benchmarks/fuzz.py``: 20 random networks, none may crash, be wrong or
 end in ``SurgeryError`` (an internal bug); the rest of the outcomes are reported, not judged."""
 
-import importlib.util
 import time
-from pathlib import Path
 
 import torch
 
+from _bench import load_benchmark
 from _oracle import one_thread  # noqa: F401
 
-_spec = importlib.util.spec_from_file_location(
-    "oba_fuzz", Path(__file__).resolve().parent.parent / "benchmarks" / "fuzz.py")
-fuzz = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fuzz)
+fuzz = load_benchmark("fuzz.py")
 
 
 def test_fuzz_slice_has_no_crash_no_wrong_network_and_no_surgery_error():

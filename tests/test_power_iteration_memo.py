@@ -1,29 +1,17 @@
 """``benchmarks/finetuned.py`` shares power iteration between rows: the shared result must be the
 one a fresh call gives, and any different input (weights, masks, batches, options) recomputes."""
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
 
+from _bench import load_benchmark
 from _oracle import one_thread  # noqa: F401
 from oba_fx.hessian_eigen import power_iteration
-
-_BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 @pytest.fixture
 def memo_cls():
-    sys.path.insert(0, str(_BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("oba_finetuned", _BENCH / "finetuned.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        yield mod.PowerIterationMemo
-    finally:
-        sys.path.remove(str(_BENCH))
+    return load_benchmark("finetuned.py").PowerIterationMemo
 
 
 def _net():

@@ -1,23 +1,12 @@
 """``benchmarks/seed_spread.py``: mean and spread over seeds, and "beats" only beyond the spread."""
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-_BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+from _bench import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def ss():
-    sys.path.insert(0, str(_BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("oba_seed_spread", _BENCH / "seed_spread.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        yield mod
-    finally:
-        sys.path.remove(str(_BENCH))
+    return load_benchmark("seed_spread.py")
 
 
 def _row(spec, level, one, tuned, kind="structured"):
