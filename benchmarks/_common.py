@@ -29,7 +29,6 @@ def machine() -> dict[str, Any]:
             "loadavg_at_start": load}
 
 
-
 def compare(mean_a: float, spread_a: float, mean_b: float, spread_b: float) -> str:
     """``"beats"`` / ``"loses"`` when A's mean differs from B's by more than the sum of the two
     half-spreads (spread = max − min over seeds), else ``"within spread"``: the one rule every
