@@ -41,3 +41,14 @@ def compare(mean_a: float, spread_a: float, mean_b: float, spread_b: float) -> s
     noise = (spread_a + spread_b) / 2
     diff = mean_a - mean_b
     return "beats" if diff > noise else "loses" if -diff > noise else "within spread"
+
+
+# The settings of a `finetuned.py` result that change what its rows measure: rows run under different
+# values do not belong in one table (`finetuned.py --resume`, `seed_spread.py`).
+PROTOCOL = {"model": None, "seed": 0, "calib": 512, "epochs": 1, "train_limit": None, "jpeg": None, "lr": 1e-3,
+            "schedule": "constant"}
+
+
+def protocol(settings: dict) -> dict:
+    """The settings of ``PROTOCOL`` (older results lack ``lr`` and ``schedule``: their defaults)."""
+    return {k: settings.get(k, default) for k, default in PROTOCOL.items()}

@@ -49,7 +49,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine  # noqa: E402
+from _common import machine, protocol  # noqa: E402
 from ranking import SPECS, WEIGHTS, calibration  # noqa: E402
 
 log = logging.getLogger("finetuned")
@@ -208,6 +208,15 @@ def rows_to_run(args) -> list[tuple[str, str, float]]:
     return rows
 
 
+def check_same_protocol(before: dict, now: dict, path) -> None:
+    """``--resume`` adds rows to a result only under the same protocol (model, seed, data, recipe)."""
+    a, b = protocol(before), protocol(now)
+    diff = {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+    if diff:
+        raise SystemExit(f"--resume: {path} was run with other settings than this run (theirs, now): {diff}; "
+                         "pass the same settings, or another --name / --out for a new result")
+
+
 def recipe(settings: dict) -> str:
     """The fine-tuning recipe when it is not the CLI's (SGD at a constant 1e-3)."""
     lr, schedule = settings.get("lr", 1e-3), settings.get("schedule", "constant")
@@ -303,6 +312,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     if args.resume and (out / f"{args.name}.json").exists():
         before = json.loads((out / f"{args.name}.json").read_text())
+        check_same_protocol(before["settings"], result["settings"], out / f"{args.name}.json")
         result["rows"] = before["rows"]
         result["earlier_runs"] = before.get("earlier_runs", []) + [
             {k: before[k] for k in ("date", "command", "machine", "settings")}]

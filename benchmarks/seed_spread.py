@@ -23,7 +23,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from _common import compare
+from _common import compare, protocol
 
 METRICS = (("oneshot", "exact1k"), ("tuned", "exact1k"), ("oneshot", "jpeg"), ("tuned", "jpeg"))
 
@@ -47,6 +47,12 @@ def by_seed(results: list[dict]) -> dict[tuple, dict[int, dict]]:
     models = {r["settings"]["model"] for r in results}
     if len(models) > 1:
         raise ValueError(f"results mix models {sorted(models)}; pass the JSONs of one model")
+    for res in results[1:]:
+        a, b = protocol(results[0]["settings"]), protocol(res["settings"])
+        diff = {k: (a[k], b[k]) for k in a if k != "seed" and a[k] != b[k]}
+        if diff:
+            raise ValueError(f"results of seeds {a['seed']} and {b['seed']} differ in more than the seed "
+                             f"(first, other): {diff}; compare runs of one protocol")
     for res in results:
         seed = res["settings"]["seed"]
         for row in res["rows"]:

@@ -1,7 +1,8 @@
-"""``benchmarks/finetuned.py --schedule cosine``: the same distilled SGD as ``finetune``, with the
-learning rate of step ``k`` of ``n`` equal to ``lr * (1 + cos(pi k / n)) / 2``."""
+"""``benchmarks/finetuned.py``: ``--schedule cosine`` is the same distilled SGD as ``finetune``, with the
+learning rate of step ``k`` of ``n`` equal to ``lr * (1 + cos(pi k / n)) / 2``; ``--resume`` keeps one protocol."""
 import math
 
+import pytest
 import torch
 from torch import nn
 
@@ -45,3 +46,11 @@ def test_cosine_finetune_matches_hand_written_sgd():
     diff = max((p - r).abs().max().item() for p, r in zip(student.parameters(), ref.parameters()))
     assert moved > 1e-2  # the weights did train, so the comparison below can fail
     assert diff <= 1e-12 * max(1.0, moved)
+
+
+def test_resume_refuses_a_result_of_another_recipe():
+    ft = load_benchmark("finetuned.py")
+    old = {"model": "resnet56", "seed": 1, "calib": 512, "epochs": 1}  # written before --lr existed
+    ft.check_same_protocol(old, dict(old, lr=1e-3, schedule="constant"), "x.json")  # same recipe: fine
+    with pytest.raises(SystemExit, match="x.json was run with other settings.*'schedule': \\('constant', 'cosine'\\)"):
+        ft.check_same_protocol(old, dict(old, lr=1e-3, schedule="cosine"), "x.json")

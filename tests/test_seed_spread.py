@@ -80,3 +80,10 @@ def test_min_seeds_leaves_out_cells_with_fewer_seeds(ss):
     res = [_result(0, [_row("l1", 0.5, 0.8, 0.9), _row("taylor", 0.7, 0.85, 0.9)]),
            _result(1, [_row("l1", 0.5, 0.82, 0.91)])]
     assert [r["spec"] for r in ss.summarise(res, min_seeds=2)["rows"]] == ["l1"]
+
+
+def test_results_of_another_recipe_are_an_error(ss):
+    other = _result(1, [_row("l1", 0.5, 0.8, 0.9)])
+    other["settings"].update(lr=0.01, schedule="cosine")
+    with pytest.raises(ValueError, match="differ in more than the seed.*'lr': \\(0.001, 0.01\\)"):
+        ss.summarise([_result(0, [_row("l1", 0.5, 0.8, 0.9)]), other])
