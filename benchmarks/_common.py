@@ -52,3 +52,11 @@ PROTOCOL = {"model": None, "seed": 0, "calib": 512, "epochs": 1, "train_limit": 
 def protocol(settings: dict) -> dict:
     """The settings of ``PROTOCOL`` (older results lack ``lr`` and ``schedule``: their defaults)."""
     return {k: settings.get(k, default) for k, default in PROTOCOL.items()}
+
+
+def recipe(settings: dict) -> str:
+    """The fine-tuning recipe when it is not the CLI's (SGD at a constant 1e-3)."""
+    lr, schedule = settings.get("lr", 1e-3), settings.get("schedule", "constant")
+    if schedule == "constant" and lr == 1e-3:
+        return ""
+    return f" (SGD lr {lr:g}, {'decayed to 0 by a per-step cosine' if schedule == 'cosine' else 'constant'})"

@@ -49,7 +49,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, protocol  # noqa: E402
+from _common import machine, protocol, recipe  # noqa: E402
 from ranking import SPECS, WEIGHTS, calibration  # noqa: E402
 
 log = logging.getLogger("finetuned")
@@ -215,14 +215,6 @@ def check_same_protocol(before: dict, now: dict, path) -> None:
     if diff:
         raise SystemExit(f"--resume: {path} was run with other settings than this run (theirs, now): {diff}; "
                          "pass the same settings, or another --name / --out for a new result")
-
-
-def recipe(settings: dict) -> str:
-    """The fine-tuning recipe when it is not the CLI's (SGD at a constant 1e-3)."""
-    lr, schedule = settings.get("lr", 1e-3), settings.get("schedule", "constant")
-    if schedule == "constant" and lr == 1e-3:
-        return ""
-    return f" (SGD lr {lr:g}, {'decayed to 0 by a per-step cosine' if schedule == 'cosine' else 'constant'})"
 
 
 def markdown(result: dict) -> str:

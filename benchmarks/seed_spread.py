@@ -23,7 +23,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from _common import compare, protocol
+from _common import compare, protocol, recipe
 
 METRICS = (("oneshot", "exact1k"), ("tuned", "exact1k"), ("oneshot", "jpeg"), ("tuned", "jpeg"))
 
@@ -98,7 +98,7 @@ def summarise(results: list[dict], baseline: str = "l1", min_seeds: int = 1) -> 
                         "seeds": shared, "verdict": verdict(a, b),
                         "paired_diff": spread([x - y for x, y in zip(a, b)])}
         rows.append(row)
-    return {"model": results[0]["settings"]["model"], "baseline": baseline,
+    return {"model": results[0]["settings"]["model"], "baseline": baseline, "recipe": recipe(results[0]["settings"]),
             "seeds": sorted({r["settings"]["seed"] for r in results}), "rows": rows}
 
 
@@ -118,7 +118,8 @@ def _vs(v: dict | None) -> str:
 def markdown(summary: dict) -> str:
     """The summary as a table: mean (min–max) per metric, and the verdict against the baseline."""
     b = summary["baseline"]
-    lines = [f"# {summary['model']}: mean (min–max) over calibration seeds {summary['seeds']}", "",
+    lines = [f"# {summary['model']}: mean (min–max) over calibration seeds {summary['seeds']}{summary.get('recipe', '')}",
+             "",
              "Top-1 % on the exact 1k test images (JPEG: the JPEG-degraded test images, all 10k unless "
              f"`finetuned.py --jpeg` said fewer). *vs {b}*: `beats` / `loses` only when the means differ "
              "by more than the sum of the two half-spreads; then the paired difference per seed, mean "

@@ -87,3 +87,12 @@ def test_results_of_another_recipe_are_an_error(ss):
     other["settings"].update(lr=0.01, schedule="cosine")
     with pytest.raises(ValueError, match="differ in more than the seed.*'lr': \\(0.001, 0.01\\)"):
         ss.summarise([_result(0, [_row("l1", 0.5, 0.8, 0.9)]), other])
+
+
+def test_markdown_names_a_recipe_other_than_the_cli_one(ss):
+    runs = [_result(s, [_row("l1", 0.5, 0.8, 0.9)]) for s in (0, 1)]
+    assert "SGD lr" not in ss.markdown(ss.summarise(runs)).splitlines()[0]
+    for r in runs:
+        r["settings"].update(lr=0.003, schedule="cosine")
+    assert ss.markdown(ss.summarise(runs)).splitlines()[0].endswith(
+        "(SGD lr 0.003, decayed to 0 by a per-step cosine)")
