@@ -46,7 +46,7 @@ def compare(mean_a: float, spread_a: float, mean_b: float, spread_b: float) -> s
 # The settings of a `finetuned.py` result that change what its rows measure: rows run under different
 # values do not belong in one table (`finetuned.py --resume`, `seed_spread.py`).
 PROTOCOL = {"model": None, "seed": 0, "calib": 512, "epochs": 1, "train_limit": None, "jpeg": None, "lr": 1e-3,
-            "schedule": "constant"}
+            "schedule": "step"}
 
 
 def protocol(settings: dict) -> dict:
@@ -55,8 +55,8 @@ def protocol(settings: dict) -> dict:
 
 
 def recipe(settings: dict) -> str:
-    """The fine-tuning recipe when it is not the CLI's (SGD at a constant 1e-3)."""
-    lr, schedule = settings.get("lr", 1e-3), settings.get("schedule", "constant")
-    if schedule == "constant" and lr == 1e-3:
+    """The fine-tuning recipe when it is not the CLI's (SGD at 1e-3, multi-step schedule)."""
+    lr, schedule = settings.get("lr", 1e-3), settings.get("schedule", "step")
+    if schedule == "step" and lr == 1e-3:
         return ""
-    return f" (SGD lr {lr:g}, {'decayed to 0 by a per-step cosine' if schedule == 'cosine' else 'constant'})"
+    return f" (SGD lr {lr:g}, {'decayed to 0 by a per-step cosine' if schedule == 'cosine' else 'multi-step'})"

@@ -22,10 +22,10 @@ were pruned are checked to be still zero after fine-tuning (unstructured rows: `
 
     python benchmarks/finetuned.py --data DIR [--model resnet20] [--ratios 0.5] [--sparsities 0.7]
         [--criteria l1 taylor oba oba-full obs camp] [--unstructured magnitude taylor oba camp camp+merge]
-        [--threads 1] [--train-limit N] [--resume] [--lr 1e-3] [--schedule constant|cosine]
+        [--threads 1] [--train-limit N] [--resume] [--lr 1e-3] [--schedule step|cosine]
 
 ``--schedule cosine`` keeps the same SGD and distillation but decays the learning rate per step
-from ``--lr`` to 0 over the whole run, a recipe variant for one-epoch recovery.
+from ``--lr`` to 0 over the whole run (``finetune(schedule="cosine")``, the CLI's ``--lr-schedule``).
 
 Writes ``benchmarks/results/finetuned.json`` (after every row), ``finetuned.md`` and
 ``finetuned.png``; ``--replot JSON`` rewrites the last two from a JSON only.
@@ -39,7 +39,6 @@ import datetime as _dt
 import hashlib
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -80,9 +79,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--lr", type=float, default=1e-3, help="SGD learning rate (default 1e-3, the CLI's)")
-    p.add_argument("--schedule", default="constant", choices=["constant", "cosine"],
-                   help="constant: oba_fx.finetune.finetune (the CLI's recipe); cosine: the same SGD, decayed "
-                        "per step from --lr to 0 over all the epochs (oba_fx.train_loop.train_epoch)")
+    p.add_argument("--schedule", default="step", choices=["step", "cosine"],
+                   help="finetune(schedule=...): step (the CLI's default; constant for one epoch) or cosine "
+                        "(decayed every step from --lr to 0)")
     p.add_argument("--train-limit", type=int, default=None, help="first N training images (default all 50k)")
     p.add_argument("--jpeg", type=int, default=None, help="first N JPEG test images (default all 10k)")
     p.add_argument("--threads", type=int, default=1)
@@ -181,24 +180,10 @@ def finetune_row(model, dense, args, ddir) -> dict:
     torch.manual_seed(args.seed + 1)  # the same augmentation draws for every row
     loader = cifar10_loader(ddir, "train", 64, limit=args.train_limit, shuffle=True, augment=True, seed=args.seed)
     t = time.perf_counter()
-    if getattr(args, "schedule", "constant") == "cosine":
-        losses = cosine_finetune(model, dense, loader, args.epochs, args.lr)
-    else:
-        losses = list(finetune(model, loader, epochs=args.epochs, lr=getattr(args, "lr", 1e-3), teacher=dense,
-                               progress=False).train_loss)
+    res = finetune(model, loader, epochs=args.epochs, lr=getattr(args, "lr", 1e-3),
+                   schedule=getattr(args, "schedule", "step"), teacher=dense, progress=False)
+    losses = list(res.train_loss)
     return {"seconds_finetune": time.perf_counter() - t, "train_loss": losses, "train_images": len(loader.dataset)}
-
-
-def cosine_finetune(model, dense, loader, epochs: int, lr: float) -> list[float]:
-    """``finetune``'s SGD and distillation, with the learning rate decayed per step from ``lr`` to 0
-    (half a cosine over ``epochs * len(loader)`` steps); returns each epoch's mean training loss."""
-    from oba_fx.train_loop import train_epoch
-
-    steps = epochs * len(loader)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9, weight_decay=5e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, steps) / steps)))
-    return [train_epoch(model, loader, opt, teacher=dense, scheduler=sched, progress=False,
-                        desc=f"epoch {e + 1}/{epochs}")["loss"] for e in range(epochs)]
 
 
 def rows_to_run(args) -> list[tuple[str, str, float]]:
