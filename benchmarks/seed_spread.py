@@ -118,8 +118,8 @@ def _vs(v: dict | None) -> str:
 def markdown(summary: dict) -> str:
     """The summary as a table: mean (min–max) per metric, and the verdict against the baseline."""
     b = summary["baseline"]
-    lines = [f"# {summary['model']}: mean (min–max) over calibration seeds {summary['seeds']}{summary.get('recipe', '')}",
-             "",
+    title = f"# {summary['model']}: mean (min–max) over calibration seeds {summary['seeds']}"
+    lines = [title + summary.get("recipe", ""), "",
              "Top-1 % on the exact 1k test images (JPEG: the JPEG-degraded test images, all 10k unless "
              f"`finetuned.py --jpeg` said fewer). *vs {b}*: `beats` / `loses` only when the means differ "
              "by more than the sum of the two half-spreads; then the paired difference per seed, mean "

@@ -93,8 +93,8 @@ from .checks import check_data, check_model
 from .train_loop import apply_masks, prepare_masks, train_epoch
 from oba_fx.errors import BadInputError
 
-__all__ = ["CHECKPOINT_NAME", "DEFAULT_DISTILL_WEIGHT", "DEFAULT_TEMPERATURE", "CosineSteps", "FinetuneResult", "distillation_loss",
-           "finetune", "train_epoch"]
+__all__ = ["CHECKPOINT_NAME", "DEFAULT_DISTILL_WEIGHT", "DEFAULT_TEMPERATURE", "CosineSteps", "FinetuneResult",
+           "distillation_loss", "finetune", "train_epoch"]
 
 logger = logging.getLogger(__name__)
 
@@ -353,7 +353,9 @@ def finetune(
         schedule: ``"step"`` (default, the paper's): ``lr`` multiplied by ``gamma`` at the
             ``milestones``, once per epoch. ``"cosine"``: the learning rate of every optimizer step
             falls from ``lr`` to 0 along half a cosine over all the epochs' steps
-            (:class:`CosineSteps`; needs a loader with a length; no ``milestones``).
+            (:class:`CosineSteps`; needs a loader with a length; no ``milestones``). The curve spans
+            the ``epochs`` of the call, so extending a finished run starts a new, longer one from
+            the steps already done (the rate rises again).
             ``benchmarks/finetuned.py`` measured one distilled epoch on pruned ResNet-56 at half the
             FLOPs: cosine from 3e-3 ended level with the constant 1e-3 on exact test images and
             0.7–1.0 points higher on the JPEG test images in each of three seeds.
