@@ -180,10 +180,10 @@ def finetune_row(model, dense, args, ddir) -> dict:
     torch.manual_seed(args.seed + 1)  # the same augmentation draws for every row
     loader = cifar10_loader(ddir, "train", 64, limit=args.train_limit, shuffle=True, augment=True, seed=args.seed)
     t = time.perf_counter()
-    res = finetune(model, loader, epochs=args.epochs, lr=getattr(args, "lr", 1e-3),
-                   schedule=getattr(args, "schedule", "step"), teacher=dense, progress=False)
-    losses = list(res.train_loss)
-    return {"seconds_finetune": time.perf_counter() - t, "train_loss": losses, "train_images": len(loader.dataset)}
+    res = finetune(model, loader, epochs=args.epochs, lr=args.lr, schedule=args.schedule, teacher=dense,
+                   progress=False)
+    return {"seconds_finetune": time.perf_counter() - t, "train_loss": list(res.train_loss),
+            "train_images": len(loader.dataset)}
 
 
 def rows_to_run(args) -> list[tuple[str, str, float]]:

@@ -451,3 +451,9 @@ def test_cosine_resume_mid_epoch_matches_uninterrupted_run(tmp_path):
 def test_bad_schedule_is_named(kw, match):
     with pytest.raises(ValueError, match=match):
         finetune(mlp(), loader(task()), epochs=2, progress=False, **kw)
+
+
+def test_cosine_without_a_loader_length_says_how_to_fix_it():
+    batches = (b for b in loader(task()))  # a generator: no len()
+    with pytest.raises(ValueError, match="schedule='cosine' needs the number of steps per epoch.*max_batches"):
+        finetune(mlp(), batches, epochs=1, schedule="cosine", progress=False)
