@@ -4,7 +4,8 @@ For one pretrained CIFAR ResNet (default ResNet-20, ``$OBA_FX_DATA/weights``) an
 calibration seed, each row prunes the dense model one-shot and then fine-tunes it for
 ``--epochs`` (default 1) on the full JPEG-degraded training set (50,000 images, random crop +
 flip), distilled from the dense model (``oba_fx.finetune.finetune(teacher=dense)``: temperature
-4, weight 0.9, SGD lr 1e-3, momentum 0.9, weight decay 5e-4, batch 64 — the CLI's defaults):
+4, weight 0.9, SGD lr 1e-3, momentum 0.9, weight decay 5e-4, batch 64 — the paper's recipe, the CLI's
+``--lr-schedule step``):
 
 * **structured** (``oba_fx.prune_graph`` with the library defaults: residual streams kept,
   least-squares compensation on ``--calib`` training images) at each ``--ratios`` retained FLOPs,
@@ -25,7 +26,7 @@ were pruned are checked to be still zero after fine-tuning (unstructured rows: `
         [--threads 1] [--train-limit N] [--resume] [--lr 1e-3] [--schedule step|cosine]
 
 ``--schedule cosine`` keeps the same SGD and distillation but decays the learning rate per step
-from ``--lr`` to 0 over the whole run (``finetune(schedule="cosine")``, the CLI's ``--lr-schedule``).
+from ``--lr`` to 0 over the whole run (``finetune(schedule="cosine")``; with ``--lr 3e-3``, the CLI's default).
 
 Writes ``benchmarks/results/finetuned.json`` (after every row), ``finetuned.md`` and
 ``finetuned.png``; ``--replot JSON`` rewrites the last two from a JSON only.

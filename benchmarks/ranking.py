@@ -6,7 +6,7 @@ kept, scores of ``--calib`` training images drawn with that seed), with compensa
 with data: every conv/linear re-fit by least squares, no BN recalibration) and, for the criteria
 in ``--uncompensated``, without it (then BatchNorm statistics are re-estimated on the same
 images, the library's default without compensation). Accuracy: the 1,000 exact test images and
-the first ``--jpeg`` JPEG test images. Each seed draws its own ``--calib`` training images. Reported per cell: mean and spread (max − min) over the
+the JPEG test images (all 10,000, or the first ``--jpeg``; each JSON's settings say which). Each seed draws its own ``--calib`` training images. Reported per cell: mean and spread (max − min) over the
 seeds; "beats" in the Markdown means the difference of means exceeds the sum of the two
 half-spreads.
 
@@ -98,6 +98,11 @@ def summarise(rows: list[dict]) -> dict:
     return out
 
 
+def _jpeg_images(settings: dict) -> str:
+    """How many JPEG test images a run used: ``--jpeg`` if given, else all 10,000."""
+    return f"{settings['jpeg']:,}" if settings.get("jpeg") else "10,000"
+
+
 def markdown(res: dict) -> str:
     s = summarise(res["rows"])
     L = [f"# One-shot ranking with compensation ({res['settings']['date']})", "",
@@ -106,7 +111,7 @@ def markdown(res: dict) -> str:
          "`comp`: least-squares compensation (default); `no comp`: BN recalibration instead.", ""]
     for model in res["settings"]["models"]:
         L += [f"## {model} (dense {100 * res['dense'][model]['exact1k']:.1f} % exact-1k, "
-              f"{100 * res['dense'][model]['jpeg']:.1f} % JPEG)", "",
+              f"{100 * res['dense'][model]['jpeg']:.1f} % on {_jpeg_images(res['settings'])} JPEG test images)", "",
               "| criterion | " + " | ".join(f"r = {r}" for r in res["settings"]["ratios"]) + " |",
               "|---|" + "---:|" * len(res["settings"]["ratios"])]
         for comp in (True, False):
@@ -168,7 +173,8 @@ def main() -> None:
     p.add_argument("--uncompensated", nargs="*", default=["l1", "oba"], choices=sorted(SPECS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--calib", type=int, default=512)
-    p.add_argument("--jpeg", type=int, default=2000)
+    p.add_argument("--jpeg", type=int, default=None,
+                   help="first N JPEG test images (default all 10,000; the 2026-12-01/02 results used 2,000)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--name", default="ranking", help="files <out>/<name>.json, .md, .png")

@@ -330,11 +330,12 @@ def test_train_epoch_on_an_empty_loader_says_so():
         train_epoch(model, [], torch.optim.SGD(model.parameters(), lr=0.1), progress=False)
 
 
-def test_cli_distils_from_the_dense_model_before_pruning(data_dir, monkeypatch, capsys, tmp_path):
+def _spy_cli_finetune(monkeypatch, data_dir, tmp_path):
+    """Runs ``oba-fx prune ... --finetune-epochs 1`` on 64 images; returns (run, calls): ``run(extra)`` is
+    ``main``'s exit code and ``calls`` the keyword arguments each run passed to ``finetune``."""
     import sys
 
     from oba_fx.cli import main
-    from oba_fx.models import get_model
 
     ft = sys.modules["oba_fx.finetune"]  # the package attribute `oba_fx.finetune` is the function
     calls = []
@@ -348,15 +349,29 @@ def test_cli_distils_from_the_dense_model_before_pruning(data_dir, monkeypatch, 
     common = ["prune", "--model", "resnet20", "--data", str(data_dir), "--test-limit", "50", "--calib-batches", "1",
               "--train-limit", "64", "--finetune-epochs", "1", "--bn-recal", "off", "--quiet",
               "--out", str(tmp_path / "r20.pt")]
-    assert main(common + ["--distill-weight", "0.5"]) == 0
+    return (lambda extra: main(common + extra)), calls
+
+
+def test_cli_distils_from_the_dense_model_before_pruning(data_dir, monkeypatch, capsys, tmp_path):
+    from oba_fx.models import get_model
+
+    run, calls = _spy_cli_finetune(monkeypatch, data_dir, tmp_path)
+    assert run(["--distill-weight", "0.5"]) == 0
     dense = get_model("resnet20", weights=str(data_dir / "weights" / "resnet20-12fca82f.th")).state_dict()
     teacher = calls[0]["teacher"].state_dict()
     assert teacher.keys() == dense.keys() and all(torch.equal(teacher[k], dense[k]) for k in dense)
     assert calls[0]["distill_weight"] == 0.5 and "temperature" not in calls[0]
-    assert calls[0]["schedule"] == "step"  # the paper's, by default
     assert "(distilled)" in capsys.readouterr().out
-    assert main(common + ["--no-distill", "--lr-schedule", "cosine"]) == 0
-    assert calls[1]["teacher"] is None and calls[1]["schedule"] == "cosine"
+    assert run(["--no-distill"]) == 0
+    assert calls[1]["teacher"] is None
+
+
+def test_cli_learning_rate_defaults_follow_the_schedule(data_dir, monkeypatch, tmp_path):
+    run, calls = _spy_cli_finetune(monkeypatch, data_dir, tmp_path)
+    assert run([]) == 0 and run(["--lr-schedule", "step"]) == 0 and run(["--lr", "0.02"]) == 0
+    got = [(kw["schedule"], kw["lr"]) for kw in calls]
+    # the measured best by default; the paper's 1e-3 with its step schedule; an explicit --lr wins
+    assert got == [("cosine", 3e-3), ("step", 1e-3), ("cosine", 0.02)]
 
 
 class CountingLoader:
